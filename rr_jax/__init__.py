@@ -1,0 +1,18 @@
+"""rr_jax: self-supervised relational reasoning in JAX/Flax."""
+
+from rr_jax.relational import (
+    AGGREGATIONS,
+    LOSSES,
+    NEGATIVES,
+    RelationHead,
+    aggregate,
+    init_relation_head,
+    make_pairs,
+    pair_indices,
+    pair_loss,
+    pair_metrics,
+    relational_loss,
+)
+from rr_jax.shuffle import derangement, derangements
+
+__version__ = "0.1.0"

@@ -1,0 +1,379 @@
+"""The relational-reasoning objective: pairs of views, the relation head, the pair loss.
+
+K augmented views of M images give embeddings z[K, M, D]. Every pair of views
+(i, j), i < j, gives M positive pairs a(z[i, m], z[j, m]) and M negative pairs
+a(z[i, m], z[j, sigma(m)]), sigma without fixed points. The relation head scores
+each aggregated pair and is trained, with the encoder, to tell positives from
+negatives.
+
+Pairs are described by two index vectors into the flattened embeddings
+z.reshape(K * M, D): row r of the head's input is a(z_flat[left[r]], z_flat[right[r]]).
+For the linear aggregations ('cat', 'sum', 'mean') the head's first Dense layer
+distributes over the aggregation, so it is applied once per embedding (K*M rows)
+and combined per pair (2*P*M rows) instead of materialising the aggregated pairs
+(`factored=True`, the default).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rr_jax.shuffle import derangements
+
+AGGREGATIONS = ("cat", "sum", "mean", "max")
+NEGATIVES = ("derangement", "roll")
+LOSSES = ("focal", "bce")
+
+# PyTorch BatchNorm defaults: momentum 0.1 on the new statistic, eps 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+Variables = Any  # a flax variables dict {'params': ..., 'batch_stats': ...}
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raises ValueError naming `name`, the bad `value` and the `allowed` ones."""
+    if value not in allowed:
+        raise ValueError(
+            f"Unknown {name} {value!r}; valid values: {', '.join(map(repr, allowed))}."
+        )
+
+
+def aggregate(left: jax.Array, right: jax.Array, aggregation: str = "cat") -> jax.Array:
+    """Aggregates two batches of embeddings into relation-head inputs.
+
+    Args:
+      left, right: float[..., D].
+      aggregation: 'cat' (concatenation, float[..., 2D]), 'sum', 'mean' or 'max'
+        (element-wise, float[..., D]).
+    """
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    if aggregation == "cat":
+        return jnp.concatenate([left, right], axis=-1)
+    if aggregation == "sum":
+        return left + right
+    if aggregation == "mean":
+        return 0.5 * (left + right)
+    return jnp.maximum(left, right)
+
+
+def _view_pairs(num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i_p, j_p) for the P = K(K-1)/2 view pairs i < j, row-major order."""
+    return np.triu_indices(num_views, k=1)
+
+
+def pair_indices(
+    key: jax.Array | None, num_views: int, batch_size: int, negatives: str = "derangement"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Indices into z.reshape(K * M, D) of every positive and negative pair.
+
+    Args:
+      key: PRNG key for 'derangement' negatives (unused, may be None, for 'roll').
+      num_views: K >= 2.
+      batch_size: M >= 2.
+      negatives: 'derangement' (independent uniform derangement sigma_p for every view
+        pair p) or 'roll' (the reference code's sigma_p(m) = (m - s_p) mod M with
+        s_p = 1 + (p mod (M - 1)), deterministic).
+
+    Returns:
+      (left, right, targets): int32[2PM], int32[2PM], float32[2PM]. Row p*M + m is the
+      positive (z[i_p, m], z[j_p, m]); row PM + p*M + m the negative
+      (z[i_p, m], z[j_p, sigma_p(m)]); targets are 1 then 0.
+    """
+    _check_sizes(num_views, batch_size)
+    check_choice("negatives", negatives, NEGATIVES)
+    i, j = _view_pairs(num_views)
+    num_pairs = len(i)
+    m = np.arange(batch_size)
+    if negatives == "roll":
+        shift = 1 + np.arange(num_pairs) % (batch_size - 1)
+        sigma = jnp.asarray((m[None, :] - shift[:, None]) % batch_size)
+    else:
+        if key is None:
+            raise ValueError("negatives='derangement' needs a PRNG key, got key=None.")
+        sigma = derangements(key, num_pairs, batch_size)
+    first = jnp.asarray(i[:, None] * batch_size + m[None, :])
+    second = jnp.asarray(j[:, None] * batch_size)
+    left = jnp.concatenate([first.ravel(), first.ravel()])
+    right = jnp.concatenate([(second + m[None, :]).ravel(), (second + sigma).ravel()])
+    size = num_pairs * batch_size
+    targets = jnp.concatenate([jnp.ones(size, jnp.float32), jnp.zeros(size, jnp.float32)])
+    return left.astype(jnp.int32), right.astype(jnp.int32), targets
+
+
+def _check_sizes(num_views: int, batch_size: int) -> None:
+    if num_views < 2:
+        raise ValueError(
+            f"Relational reasoning needs K >= 2 views of each image to form pairs, got K={num_views}."
+        )
+    if batch_size < 2:
+        raise ValueError(
+            f"Negatives need M >= 2 images in the batch, got M={batch_size}: a batch of one "
+            "image has no negatives."
+        )
+
+
+def _check_embeddings(z: jax.Array) -> tuple[int, int, int]:
+    if z.ndim != 3:
+        raise ValueError(
+            f"Embeddings must be float[K, M, D] (views, images, features), got shape {z.shape}."
+        )
+    num_views, batch_size, dim = z.shape
+    _check_sizes(num_views, batch_size)
+    return num_views, batch_size, dim
+
+
+def make_pairs(
+    z: jax.Array,
+    key: jax.Array | None,
+    *,
+    aggregation: str = "cat",
+    negatives: str = "derangement",
+) -> tuple[jax.Array, jax.Array]:
+    """All aggregated positive and negative pairs of K views of M images.
+
+    Args:
+      z: float[K, M, D] embeddings, K >= 2 views of M >= 2 images.
+      key: PRNG key for the derangements (unused for negatives='roll').
+      aggregation: 'cat', 'sum', 'mean' or 'max'.
+      negatives: 'derangement' or 'roll' (see `pair_indices`).
+
+    Returns:
+      pairs: float[2PM, D'] with P = K(K-1)/2, D' = 2D for 'cat' else D; first all
+        positives (pair p major, image m minor), then all negatives in the same order.
+      targets: float32[2PM], 1 for positives, 0 for negatives.
+    """
+    num_views, batch_size, dim = _check_embeddings(z)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    left, right, targets = pair_indices(key, num_views, batch_size, negatives)
+    flat = z.reshape(num_views * batch_size, dim)
+    return aggregate(flat[left], flat[right], aggregation), targets
+
+
+def _uniform_fan_in(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's nn.Linear initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class PairDense(nn.Module):
+    """The head's first Dense layer, applied to aggregated pairs or factored.
+
+    Parameters: kernel float[D', features] (D' = 2D for 'cat', else D), bias.
+    """
+
+    features: int
+    embedding_dim: int
+    aggregation: str = "cat"
+
+    def setup(self):
+        fan_in = self.embedding_dim * (2 if self.aggregation == "cat" else 1)
+        self.kernel = self.param("kernel", _uniform_fan_in(fan_in), (fan_in, self.features))
+        self.bias = self.param("bias", _uniform_fan_in(fan_in), (self.features,))
+
+    def __call__(self, pairs: jax.Array) -> jax.Array:
+        """float[R, D'] aggregated pairs -> float[R, features]."""
+        return pairs @ self.kernel + self.bias
+
+    def factored(self, embeddings: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
+        """Same as ``self(aggregate(embeddings[left], embeddings[right]))``, cheaper.
+
+        Args:
+          embeddings: float[N, D]; left, right: int[R] row indices. Returns float[R, features].
+        """
+        if self.aggregation == "max":  # not linear: aggregate first
+            return self(aggregate(embeddings[left], embeddings[right], "max"))
+        if self.aggregation == "cat":
+            dim = self.embedding_dim
+            first = embeddings @ self.kernel[:dim] + self.bias
+            second = embeddings @ self.kernel[dim:]
+            return first[left] + second[right]
+        projected = embeddings @ self.kernel
+        if self.aggregation == "mean":
+            projected = 0.5 * projected
+        return projected[left] + projected[right] + self.bias
+
+
+class RelationHead(nn.Module):
+    """Relation head: Dense(hidden) -> BatchNorm -> LeakyReLU(0.01) -> Dense(1) logits.
+
+    Attributes:
+      embedding_dim: D of the embeddings it relates.
+      aggregation: how pairs are aggregated ('cat', 'sum', 'mean', 'max').
+      hidden_dim: width of the hidden layer (256 in the paper).
+      axis_name: pmap axis name for cross-replica BatchNorm statistics, or None.
+    """
+
+    embedding_dim: int
+    aggregation: str = "cat"
+    hidden_dim: int = 256
+    negative_slope: float = 0.01
+    axis_name: str | None = None
+
+    def setup(self):
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        self.hidden = PairDense(self.hidden_dim, self.embedding_dim, self.aggregation)
+        self.norm = nn.BatchNorm(
+            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis_name=self.axis_name
+        )
+        self.output = nn.Dense(
+            1,
+            kernel_init=_uniform_fan_in(self.hidden_dim),
+            bias_init=_uniform_fan_in(self.hidden_dim),
+        )
+
+    def _tail(self, hidden: jax.Array, train: bool) -> jax.Array:
+        hidden = self.norm(hidden, use_running_average=not train)
+        return self.output(nn.leaky_relu(hidden, self.negative_slope))[:, 0]
+
+    def __call__(self, pairs: jax.Array, train: bool) -> jax.Array:
+        """float[R, D'] aggregated pairs -> float[R] logits."""
+        return self._tail(self.hidden(pairs), train)
+
+    def score(
+        self,
+        embeddings: jax.Array,
+        left: jax.Array,
+        right: jax.Array,
+        train: bool,
+        factored: bool = True,
+    ) -> jax.Array:
+        """Logits of the pairs (embeddings[left[r]], embeddings[right[r]]).
+
+        Args:
+          embeddings: float[N, D]; left, right: int[R]; factored: apply the first layer
+            per embedding (equal result, fewer FLOPs) instead of per aggregated pair.
+        Returns:
+          float[R] logits.
+        """
+        if factored:
+            hidden = self.hidden.factored(embeddings, left, right)
+        else:
+            hidden = self.hidden(aggregate(embeddings[left], embeddings[right], self.aggregation))
+        return self._tail(hidden, train)
+
+
+def init_relation_head(
+    key: jax.Array,
+    embedding_dim: int,
+    *,
+    aggregation: str = "cat",
+    hidden_dim: int = 256,
+) -> Variables:
+    """Initial variables {'params', 'batch_stats'} of a `RelationHead`."""
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    head = RelationHead(embedding_dim, aggregation, hidden_dim)
+    width = 2 * embedding_dim if aggregation == "cat" else embedding_dim
+    return head.init(key, jnp.zeros((2, width), jnp.float32), train=False)
+
+
+def pair_loss(logits: jax.Array, targets: jax.Array, loss: str = "focal") -> jax.Array:
+    """Mean pair loss: 'focal' (sigmoid focal, gamma=2, alpha=0.5) or 'bce'.
+
+    Args:
+      logits, targets: float[R]. Returns a float32 scalar.
+    """
+    check_choice("loss", loss, LOSSES)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32
+    if loss == "focal":
+        return optax.sigmoid_focal_loss(logits, targets, alpha=0.5, gamma=2.0).mean()
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+
+
+def pair_metrics(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Pair accuracy overall, on positives and on negatives, and the pair count.
+
+    A pair is predicted positive when its logit is > 0. Args: logits, targets float[R].
+    """
+    correct = ((logits > 0) == (targets > 0.5)).astype(jnp.float32)
+    positives = targets.astype(jnp.float32)
+    negatives = 1.0 - positives
+    return {
+        "accuracy": correct.mean(),
+        "accuracy_positive": (correct * positives).sum() / jnp.maximum(positives.sum(), 1.0),
+        "accuracy_negative": (correct * negatives).sum() / jnp.maximum(negatives.sum(), 1.0),
+        "num_pairs": jnp.asarray(logits.shape[0], jnp.float32),
+    }
+
+
+def _head_for(head_variables: Variables, dim: int, aggregation: str, axis_name) -> RelationHead:
+    """The RelationHead matching `head_variables`, checked against D and aggregation."""
+    try:
+        kernel = head_variables["params"]["hidden"]["kernel"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            "head_variables must be RelationHead variables {'params': {'hidden': "
+            "{'kernel', 'bias'}, ...}, 'batch_stats': ...}, e.g. from init_relation_head()."
+        ) from error
+    expected = 2 * dim if aggregation == "cat" else dim
+    if kernel.shape[0] != expected:
+        raise ValueError(
+            f"The relation head takes inputs of width {kernel.shape[0]}, but aggregation="
+            f"{aggregation!r} of D={dim} embeddings gives width {expected}."
+        )
+    return RelationHead(dim, aggregation, kernel.shape[1], axis_name=axis_name)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("aggregation", "negatives", "loss", "train", "axis_name", "factored"),
+)
+def relational_loss(
+    embeddings: jax.Array,
+    head_variables: Variables,
+    key: jax.Array | None,
+    *,
+    aggregation: str = "cat",
+    negatives: str = "derangement",
+    loss: str = "focal",
+    train: bool = True,
+    axis_name: str | None = None,
+    factored: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array], Variables]:
+    """The relational-reasoning loss of K views of M images; pure and jit/pmap-able.
+
+    Args:
+      embeddings: float[K, M, D] encoder outputs, view k of image m at [k, m].
+      head_variables: relation-head variables {'params', 'batch_stats'}
+        (see `init_relation_head`).
+      key: PRNG key for the negatives (may be None with negatives='roll').
+      aggregation: 'cat', 'sum', 'mean' or 'max'.
+      negatives: 'derangement' (uniform, a fresh one per view pair) or 'roll'.
+      loss: 'focal' (the reference code) or 'bce' (the paper's text).
+      train: BatchNorm uses batch statistics and updates the running ones.
+      axis_name: pmap/shard_map axis for cross-replica BatchNorm statistics.
+      factored: apply the head's first layer per embedding, not per pair (same value).
+
+    Returns:
+      (loss, metrics, batch_stats): the scalar loss; a dict with 'loss', 'accuracy',
+      'accuracy_positive', 'accuracy_negative', 'num_pairs'; and the head's new
+      BatchNorm statistics (unchanged when train=False).
+    """
+    num_views, batch_size, dim = _check_embeddings(embeddings)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("loss", loss, LOSSES)
+    head = _head_for(head_variables, dim, aggregation, axis_name)
+    left, right, targets = pair_indices(key, num_views, batch_size, negatives)
+    flat = embeddings.reshape(num_views * batch_size, dim)
+    score = functools.partial(
+        head.apply, head_variables, flat, left, right, train, factored, method=RelationHead.score
+    )
+    if train:
+        logits, updates = score(mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+    else:
+        logits, batch_stats = score(), head_variables["batch_stats"]
+    value = pair_loss(logits, targets, loss)
+    return value, {"loss": value, **pair_metrics(logits, targets)}, batch_stats
