@@ -73,3 +73,25 @@ def test_too_small_raises(n):
 def test_bad_num_raises():
     with pytest.raises(ValueError, match="num=0"):
         derangements(jax.random.key(0), 0, 5)
+
+
+def test_refill_rounds_stay_uniform(monkeypatch):
+    """With a pool of 3 candidates most rounds fill 0 or 1 row: the refill loop is exercised."""
+    from rr_jax import shuffle
+
+    monkeypatch.setattr(shuffle, "_pool_size", lambda num: 3)
+    draws = np.asarray(jax.jit(shuffle._derangements.__wrapped__, static_argnums=(1, 2))(
+        jax.random.key(11), 9_000, 4
+    ))
+    index = {p: k for k, p in enumerate(all_derangements(4))}
+    observed = np.bincount([index[tuple(row)] for row in draws], minlength=9)
+    assert observed.sum() == 9_000
+    assert stats.chisquare(observed).pvalue > 1e-3
+
+
+def test_pool_covers_num_with_high_probability():
+    """The pool size keeps the chance of a second round small (binomial tail)."""
+    from rr_jax.shuffle import _pool_size
+
+    for num in [1, 2, 31, 496, 10_000]:
+        assert stats.binom(_pool_size(num), np.exp(-1)).cdf(num - 1) < 2e-3
