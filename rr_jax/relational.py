@@ -71,39 +71,56 @@ def _view_pairs(num_views: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pair_indices(
-    key: jax.Array | None, num_views: int, batch_size: int, negatives: str = "derangement"
+    key: jax.Array | None,
+    num_views: int,
+    batch_size: int,
+    negatives: str = "derangement",
+    *,
+    num_shards: int = 1,
+    shard: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Indices into z.reshape(K * M, D) of every positive and negative pair.
+    """Indices of every positive and negative pair.
+
+    Left indices point into the (local) flattened embeddings z.reshape(K * M, D);
+    right indices into the flattened embeddings of the whole batch, which is the local
+    batch itself unless the batch is sharded (see below).
 
     Args:
       key: PRNG key for 'derangement' negatives (unused, may be None, for 'roll').
       num_views: K >= 2.
-      batch_size: M >= 2.
+      batch_size: M >= 2 local images.
       negatives: 'derangement' (independent uniform derangement sigma_p for every view
         pair p) or 'roll' (the reference code's sigma_p(m) = (m - s_p) mod M with
         s_p = 1 + (p mod (M - 1)), deterministic).
+      num_shards, shard: the local images are shard `shard` (may be traced) of a batch
+        of num_shards * M images, whose embeddings are z_all[K, num_shards * M, D];
+        sigma_p is then a derangement of the whole batch (the same `key` must be passed
+        on every shard) and this shard gets its M rows of it.
 
     Returns:
       (left, right, targets): int32[2PM], int32[2PM], float32[2PM]. Row p*M + m is the
       positive (z[i_p, m], z[j_p, m]); row PM + p*M + m the negative
-      (z[i_p, m], z[j_p, sigma_p(m)]); targets are 1 then 0.
+      (z[i_p, m], z_all[j_p, sigma_p(g)]) with g the image's index in the whole batch;
+      targets are 1 then 0.
     """
-    _check_sizes(num_views, batch_size)
+    total = num_shards * batch_size
+    _check_sizes(num_views, total)
     check_choice("negatives", negatives, NEGATIVES)
     i, j = _view_pairs(num_views)
     num_pairs = len(i)
-    m = np.arange(batch_size)
+    image = shard * batch_size + jnp.arange(batch_size)  # index in the whole batch
     if negatives == "roll":
-        shift = 1 + np.arange(num_pairs) % (batch_size - 1)
-        sigma = jnp.asarray((m[None, :] - shift[:, None]) % batch_size)
+        shift = jnp.asarray(1 + np.arange(num_pairs) % (total - 1))
+        sigma = (image[None, :] - shift[:, None]) % total
     else:
         if key is None:
             raise ValueError("negatives='derangement' needs a PRNG key, got key=None.")
-        sigma = derangements(key, num_pairs, batch_size)
-    first = jnp.asarray(i[:, None] * batch_size + m[None, :])
-    second = jnp.asarray(j[:, None] * batch_size)
-    left = jnp.concatenate([first.ravel(), first.ravel()])
-    right = jnp.concatenate([(second + m[None, :]).ravel(), (second + sigma).ravel()])
+        sigma = jnp.take(derangements(key, num_pairs, total), image, axis=1)
+    local = np.arange(batch_size)
+    first = jnp.asarray(i[:, None] * batch_size + local[None, :]).ravel()
+    second = jnp.asarray(j[:, None] * total)
+    left = jnp.concatenate([first, first])
+    right = jnp.concatenate([(second + image[None, :]).ravel(), (second + sigma).ravel()])
     size = num_pairs * batch_size
     targets = jnp.concatenate([jnp.ones(size, jnp.float32), jnp.zeros(size, jnp.float32)])
     return left.astype(jnp.int32), right.astype(jnp.int32), targets
@@ -187,23 +204,24 @@ class PairDense(nn.Module):
         """float[R, D'] aggregated pairs -> float[R, features]."""
         return pairs @ self.kernel + self.bias
 
-    def factored(self, embeddings: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-        """Same as ``self(aggregate(embeddings[left], embeddings[right]))``, cheaper.
+    def factored(
+        self, left_source: jax.Array, right_source: jax.Array, left: jax.Array, right: jax.Array
+    ) -> jax.Array:
+        """Same as ``self(aggregate(left_source[left], right_source[right]))``, cheaper.
 
         Args:
-          embeddings: float[N, D]; left, right: int[R] row indices. Returns float[R, features].
+          left_source: float[N, D]; right_source: float[N', D]; left, right: int[R] row
+            indices into them. Returns float[R, features].
         """
         if self.aggregation == "max":  # not linear: aggregate first
-            return self(aggregate(embeddings[left], embeddings[right], "max"))
+            return self(aggregate(left_source[left], right_source[right], "max"))
         if self.aggregation == "cat":
             dim = self.embedding_dim
-            first = embeddings @ self.kernel[:dim] + self.bias
-            second = embeddings @ self.kernel[dim:]
-            return first[left] + second[right]
-        projected = embeddings @ self.kernel
-        if self.aggregation == "mean":
-            projected = 0.5 * projected
-        return projected[left] + projected[right] + self.bias
+            first = left_source @ self.kernel[:dim] + self.bias
+            return first[left] + (right_source @ self.kernel[dim:])[right]
+        scale = 0.5 if self.aggregation == "mean" else 1.0
+        first = left_source @ (scale * self.kernel) + self.bias
+        return first[left] + (right_source @ (scale * self.kernel))[right]
 
 
 class RelationHead(nn.Module):
@@ -244,24 +262,27 @@ class RelationHead(nn.Module):
 
     def score(
         self,
-        embeddings: jax.Array,
+        left_source: jax.Array,
+        right_source: jax.Array,
         left: jax.Array,
         right: jax.Array,
         train: bool,
         factored: bool = True,
     ) -> jax.Array:
-        """Logits of the pairs (embeddings[left[r]], embeddings[right[r]]).
+        """Logits of the pairs (left_source[left[r]], right_source[right[r]]).
 
         Args:
-          embeddings: float[N, D]; left, right: int[R]; factored: apply the first layer
-            per embedding (equal result, fewer FLOPs) instead of per aggregated pair.
+          left_source: float[N, D]; right_source: float[N', D] (often the same array);
+          left, right: int[R]; factored: apply the first layer per embedding (equal
+            result, fewer FLOPs) instead of per aggregated pair.
         Returns:
           float[R] logits.
         """
         if factored:
-            hidden = self.hidden.factored(embeddings, left, right)
+            hidden = self.hidden.factored(left_source, right_source, left, right)
         else:
-            hidden = self.hidden(aggregate(embeddings[left], embeddings[right], self.aggregation))
+            pairs = aggregate(left_source[left], right_source[right], self.aggregation)
+            hidden = self.hidden(pairs)
         return self._tail(hidden, train)
 
 
@@ -328,7 +349,9 @@ def _head_for(head_variables: Variables, dim: int, aggregation: str, axis_name) 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("aggregation", "negatives", "loss", "train", "axis_name", "factored"),
+    static_argnames=(
+        "aggregation", "negatives", "loss", "train", "axis_name", "global_negatives", "factored"
+    ),
 )
 def relational_loss(
     embeddings: jax.Array,
@@ -340,6 +363,7 @@ def relational_loss(
     loss: str = "focal",
     train: bool = True,
     axis_name: str | None = None,
+    global_negatives: bool = False,
     factored: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array], Variables]:
     """The relational-reasoning loss of K views of M images; pure and jit/pmap-able.
@@ -354,6 +378,9 @@ def relational_loss(
       loss: 'focal' (the reference code) or 'bce' (the paper's text).
       train: BatchNorm uses batch statistics and updates the running ones.
       axis_name: pmap/shard_map axis for cross-replica BatchNorm statistics.
+      global_negatives: pair each local image with images of the whole batch across
+        `axis_name` (all-gathered embeddings) instead of the local batch only; the same
+        `key` must then be given on every device.
       factored: apply the head's first layer per embedding, not per pair (same value).
 
     Returns:
@@ -365,10 +392,23 @@ def relational_loss(
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("loss", loss, LOSSES)
     head = _head_for(head_variables, dim, aggregation, axis_name)
-    left, right, targets = pair_indices(key, num_views, batch_size, negatives)
     flat = embeddings.reshape(num_views * batch_size, dim)
+    if global_negatives:
+        if axis_name is None:
+            raise ValueError("global_negatives=True needs the axis_name of the devices to gather from.")
+        everything = jax.lax.all_gather(embeddings, axis_name, axis=1, tiled=True)
+        shards = everything.shape[1] // batch_size
+        left, right, targets = pair_indices(
+            key, num_views, batch_size, negatives,
+            num_shards=shards, shard=jax.lax.axis_index(axis_name),
+        )
+        right_source = everything.reshape(-1, dim)
+    else:
+        left, right, targets = pair_indices(key, num_views, batch_size, negatives)
+        right_source = flat
     score = functools.partial(
-        head.apply, head_variables, flat, left, right, train, factored, method=RelationHead.score
+        head.apply, head_variables, flat, right_source, left, right, train, factored,
+        method=RelationHead.score,
     )
     if train:
         logits, updates = score(mutable=["batch_stats"])

@@ -7,6 +7,7 @@ import pytest
 
 from rr_jax import (
     AGGREGATIONS,
+    pair_indices,
     RelationHead,
     init_relation_head,
     make_pairs,
@@ -237,7 +238,7 @@ def test_relation_head_naive_call_equals_score():
     variables = head.init(jax.random.key(1), jnp.zeros((1, 4)), train=False)
     left, right = jnp.array([0, 1, 2]), jnp.array([3, 4, 5])
     direct = head.apply(variables, z[left] + z[right], train=False)
-    scored = head.apply(variables, z, left, right, False, method=RelationHead.score)
+    scored = head.apply(variables, z, z, left, right, False, method=RelationHead.score)
     np.testing.assert_allclose(direct, scored, rtol=1e-5)
 
 
@@ -266,3 +267,23 @@ def test_make_pairs_bad_inputs_raise():
         make_pairs(jnp.zeros((2, 3, 4)), None)
     with pytest.raises(ValueError, match="no negatives"):
         make_pairs(jnp.zeros((2, 1, 4)), jax.random.key(0))
+
+
+@pytest.mark.parametrize("negatives", ["roll", "derangement"])
+def test_sharded_pairs_are_rows_of_the_global_pairs(negatives):
+    """Shard s of a batch split in 4 gets exactly its images' rows of the global pair list."""
+    num_views, local, shards = 3, 2, 4
+    key = jax.random.key(9)
+    left_g, right_g, targets_g = (np.asarray(a) for a in pair_indices(key, num_views, local * shards, negatives))
+    half = len(targets_g) // 2
+    for shard in range(shards):
+        left, right, targets = (np.asarray(a) for a in pair_indices(
+            key, num_views, local, negatives, num_shards=shards, shard=shard))
+        images = np.arange(local)
+        rows = [p * local * shards + shard * local + images for p in range(3)]
+        rows = np.concatenate(rows + [half + r for r in rows])
+        # Left indices are local: view * local + image; global: view * total + image.
+        to_global = (left // local) * local * shards + shard * local + left % local
+        np.testing.assert_array_equal(to_global, left_g[rows])
+        np.testing.assert_array_equal(right, right_g[rows])
+        np.testing.assert_array_equal(targets, targets_g[rows])
