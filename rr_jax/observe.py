@@ -1,0 +1,59 @@
+"""What a run shows: metrics.jsonl, TensorBoard event files and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and writes the
+    same scalars as TensorBoard events under WORKDIR/tensorboard.
+
+    Only one process should write (`enabled=False` elsewhere).
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self._enabled = enabled
+        if enabled:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._events = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self._enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        with self._events.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self._events.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._events.close()
+
+
+class ProgressBar:
+    """A tqdm bar over steps showing loss, pair accuracy and images per second."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def update(self, step: int, scalars: dict[str, float]) -> None:
+        self._bar.set_postfix(
+            loss=f"{scalars['loss']:.4f}",
+            pair_acc=f"{scalars['accuracy']:.3f}",
+            img_s=f"{scalars['images_per_second']:.0f}",
+        )
+        self._bar.update(step - self._bar.n)
+
+    def __exit__(self, *exc):
+        self._bar.close()

@@ -1,0 +1,311 @@
+"""Relational pretraining: the train state, the pure train step, its pmap, the loop.
+
+`train_step` is a pure function of (state, images) with every option bound by
+keyword; `parallel_train_step` is the one place that calls `jax.pmap` (axis 'batch'),
+so a move to `shard_map` touches one function. `pretrain` is the loop: data, resume,
+checkpoints, metrics, preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from rr_jax import data
+from rr_jax.augment import AugmentConfig, augment_views
+from rr_jax.backbones import create_backbone
+from rr_jax.checkpoint import Checkpointer
+from rr_jax.config import validate_config
+from rr_jax.observe import MetricsLog, ProgressBar
+from rr_jax.relational import init_relation_head, relational_loss
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a pretraining step reads and writes.
+
+    params / batch_stats: {'backbone': ..., 'head': ...}; rng: uint32 key data of the
+    run's base key (step keys are derived from it and the step, so a resumed run draws
+    exactly the keys an uninterrupted one would).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RelationalOptions:
+    """Static options of the relational objective (see `relational_loss`)."""
+
+    num_views: int = 32
+    aggregation: str = "cat"
+    negatives: str = "derangement"
+    loss: str = "focal"
+    global_negatives: bool = False
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Adam (AdamW when weight_decay > 0) with a constant or cosine learning rate."""
+    opt = config.optimizer
+    if opt.schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(opt.learning_rate, total_steps)
+    else:
+        learning_rate = opt.learning_rate
+    if opt.weight_decay > 0:
+        return optax.adamw(learning_rate, weight_decay=opt.weight_decay)
+    return optax.adam(learning_rate)
+
+
+def make_backbone(config: ml_collections.ConfigDict, axis_name: str | None = AXIS) -> nn.Module:
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    return create_backbone(config.model.backbone, axis_name=axis_name, dtype=dtype)
+
+
+def make_augment_config(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> AugmentConfig:
+    """The augmentation of `config.augment`, normalised with the dataset's statistics."""
+    return AugmentConfig(**config.augment.to_dict(), mean=spec.mean, std=spec.std)
+
+
+def relational_options(config: ml_collections.ConfigDict) -> RelationalOptions:
+    rel = config.relational
+    return RelationalOptions(rel.num_views, rel.aggregation, rel.negatives, rel.loss, rel.global_negatives)
+
+
+def create_train_state(
+    key: jax.Array,
+    backbone: nn.Module,
+    optimizer: optax.GradientTransformation,
+    image_shape: tuple[int, int, int],
+    *,
+    aggregation: str = "cat",
+    hidden_dim: int = 256,
+) -> TrainState:
+    """Fresh parameters for a backbone taking images [H, W, C] and its relation head."""
+    init_key, head_key, run_key = jax.random.split(key, 3)
+    dummy = jnp.zeros((2, *image_shape), jnp.float32)
+    backbone_vars = backbone.init(init_key, dummy, train=False)
+    dim = jax.eval_shape(lambda v: backbone.apply(v, dummy, train=False), backbone_vars).shape[-1]
+    head_vars = init_relation_head(head_key, dim, aggregation=aggregation, hidden_dim=hidden_dim)
+    params = {"backbone": backbone_vars["params"], "head": head_vars["params"]}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats={"backbone": backbone_vars["batch_stats"], "head": head_vars["batch_stats"]},
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(run_key),
+    )
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    *,
+    backbone: nn.Module,
+    optimizer: optax.GradientTransformation,
+    augment: AugmentConfig,
+    options: RelationalOptions,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One relational step on a batch of uint8 images[B, H, W, C]; pure.
+
+    Augments K views on device, runs the backbone once on all K*B views, scores every
+    pair with the relation head and takes an optimizer step. Under `axis_name`,
+    gradients, metrics and BatchNorm statistics are averaged over devices and each
+    device augments with its own key; the negatives' key is shared so that
+    `global_negatives` draws one derangement of the whole batch.
+    """
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    augment_key, pair_key = jax.random.split(step_key)
+    if axis_name is not None:
+        augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
+        if not options.global_negatives:
+            pair_key = jax.random.fold_in(pair_key, jax.lax.axis_index(axis_name))
+    views = augment_views(augment_key, images, options.num_views, augment)
+    num_views, batch = views.shape[:2]
+
+    def loss_fn(params):
+        features, updates = backbone.apply(
+            {"params": params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+            views.reshape(num_views * batch, *views.shape[2:]),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss, metrics, head_stats = relational_loss(
+            features.reshape(num_views, batch, -1),
+            {"params": params["head"], "batch_stats": state.batch_stats["head"]},
+            pair_key,
+            aggregation=options.aggregation,
+            negatives=options.negatives,
+            loss=options.loss,
+            axis_name=axis_name,
+            global_negatives=options.global_negatives,
+        )
+        return loss, (metrics, {"backbone": updates["batch_stats"], "head": head_stats})
+
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return new_state, metrics
+
+
+def parallel_train_step(**options) -> Callable:
+    """`train_step` with `options` bound, pmapped over all devices (axis 'batch').
+
+    Takes and returns a replicated state; images are [local devices, B, H, W, C].
+    """
+    step = functools.partial(train_step, axis_name=AXIS, **options)
+    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+
+
+def replicate(tree: Any) -> Any:
+    """A host copy of every leaf for each local device (new leading axis); the pmapped
+    step places the copies on the devices at its first call and keeps them there."""
+    count = jax.local_device_count()
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """Device 0's copy of a replicated tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
+
+
+class _Preemption:
+    """Remembers a SIGTERM (a TPU preemption notice) until the loop can save and stop."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state."""
+    validate_config(config, workdir)
+    spec = data.get_dataset_spec(config.dataset)
+    images, labels = data.load_split(spec, spec.pretrain_split, config.data_dir)
+    steps_per_epoch = data.steps_per_epoch(len(images), config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    backbone = make_backbone(config)
+    optimizer = make_optimizer(config, total_steps)
+    options = relational_options(config)
+    state = create_train_state(
+        jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
+        aggregation=options.aggregation, hidden_dim=config.relational.hidden_dim,
+    )
+    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state = jax.tree.map(jnp.asarray, checkpointer.restore_state(start, state))
+        logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
+    _log_run(config, workdir, state, spec, steps_per_epoch, total_steps)
+
+    step_fn = parallel_train_step(
+        backbone=backbone, optimizer=optimizer, options=options,
+        augment=make_augment_config(config, spec),
+    )
+    batches = data.prefetch_to_devices(
+        data.batches(
+            images, labels, global_batch_size=config.batch_size, seed=config.seed,
+            start_step=start, process_index=jax.process_index(),
+            process_count=jax.process_count(), local_device_count=jax.local_device_count(),
+        )
+    )
+    metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    replicated = replicate(state)
+    pending, window_start = [], time.perf_counter()
+
+    def save(step):
+        host_state = unreplicate(replicated)
+        if not _all_finite(host_state.params):
+            raise FloatingPointError(f"Parameters are not finite at step {step}; not checkpointed.")
+        backbone_vars = {"params": host_state.params["backbone"],
+                         "batch_stats": host_state.batch_stats["backbone"]}
+        checkpointer.save(step, host_state, backbone_vars, config.to_dict())
+
+    with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
+        for step in range(start + 1, total_steps + 1):
+            replicated, metrics = step_fn(replicated, next(batches)["image"])
+            pending.append(metrics)
+            last = step == total_steps
+            if step % config.log_every_steps == 0 or last or preemption.requested:
+                window = [unreplicate(m) for m in jax.device_get(pending)]
+                first_step = step - len(window) + 1
+                for offset, m in enumerate(window):
+                    if not np.isfinite(m["loss"]):
+                        raise FloatingPointError(
+                            f"Loss is {m['loss']} at step {first_step + offset}; stopping."
+                        )
+                elapsed = time.perf_counter() - window_start
+                record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                record["images_per_second"] = len(window) * config.batch_size / elapsed
+                metrics_log.write(step, record)
+                progress.update(step, record)
+                pending, window_start = [], time.perf_counter()
+            if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
+                save(step)
+            if preemption.requested:
+                break
+    checkpointer.wait()
+    checkpointer.close()
+    metrics_log.close()
+    return unreplicate(replicated)
+
+
+def _log_run(config, workdir, state, spec, steps_per_epoch, total_steps) -> None:
+    """Writes WORKDIR/config.json and logs what the run is made of."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
+    k = config.relational.num_views
+    pairs = k * (k - 1) * config.batch_size
+    logging.info(
+        "%d process(es), %d device(s) (%d local, %s); backbone %s with %d parameters; "
+        "%s %s, %d steps/epoch, %d steps; K=%d, M=%d: %d pairs per step.",
+        jax.process_count(), jax.device_count(), jax.local_device_count(),
+        jax.devices()[0].platform, config.model.backbone, num_params, config.dataset,
+        spec.image_shape, steps_per_epoch, total_steps, k, config.batch_size, pairs,
+    )
