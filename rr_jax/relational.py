@@ -380,7 +380,8 @@ def relational_loss(
       axis_name: pmap/shard_map axis for cross-replica BatchNorm statistics.
       global_negatives: pair each local image with images of the whole batch across
         `axis_name` (all-gathered embeddings) instead of the local batch only; the same
-        `key` must then be given on every device.
+        `key` must then be given on every device. Without axis_name the local batch
+        is the whole batch.
       factored: apply the head's first layer per embedding, not per pair (same value).
 
     Returns:
@@ -393,9 +394,7 @@ def relational_loss(
     check_choice("loss", loss, LOSSES)
     head = _head_for(head_variables, dim, aggregation, axis_name)
     flat = embeddings.reshape(num_views * batch_size, dim)
-    if global_negatives:
-        if axis_name is None:
-            raise ValueError("global_negatives=True needs the axis_name of the devices to gather from.")
+    if global_negatives and axis_name is not None:
         everything = jax.lax.all_gather(embeddings, axis_name, axis=1, tiled=True)
         shards = everything.shape[1] // batch_size
         left, right, targets = pair_indices(

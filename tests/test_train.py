@@ -1,0 +1,93 @@
+"""The pmapped train step against a single-device step, and config validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rr_jax import train
+from rr_jax.augment import AugmentConfig
+from rr_jax.config import base_config, validate_config
+
+IDENTITY_AUGMENT = AugmentConfig(
+    crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
+    grayscale_prob=0.0, mean=(0.5,), std=(0.25,),
+)
+
+
+def step_inputs(num_devices, batch=16):
+    config = base_config()
+    config.model.backbone = "conv4"
+    backbone_1 = train.make_backbone(config, axis_name=None)
+    backbone_n = train.make_backbone(config)
+    optimizer = train.make_optimizer(config, total_steps=10)
+    state = train.create_train_state(jax.random.key(0), backbone_1, optimizer, (16, 16, 3))
+    images = jax.random.randint(jax.random.key(1), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8)
+    options = train.RelationalOptions(num_views=3, negatives="roll", global_negatives=True)
+    return state, images, optimizer, options, backbone_1, backbone_n
+
+
+def test_eight_device_step_equals_one_device_step():
+    """Same global batch and pairs: loss, parameters after the update and BN statistics agree."""
+    assert jax.local_device_count() == 8
+    state, images, optimizer, options, backbone_1, backbone_n = step_inputs(8)
+    single = jax.jit(lambda s, x: train.train_step(
+        s, x, backbone=backbone_1, optimizer=optimizer, augment=IDENTITY_AUGMENT, options=options))
+    one_state, one_metrics = single(state, images)
+
+    parallel = train.parallel_train_step(
+        backbone=backbone_n, optimizer=optimizer, augment=IDENTITY_AUGMENT, options=options)
+    many_state, many_metrics = parallel(train.replicate(state), images.reshape(8, 2, 16, 16, 3))
+    many_state = train.unreplicate(many_state)
+
+    np.testing.assert_allclose(many_metrics["loss"][0], one_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(many_metrics["accuracy"][0], one_metrics["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(many_metrics["num_pairs"][0] * 8, one_metrics["num_pairs"])
+    for a, b in zip(jax.tree.leaves(many_state.batch_stats), jax.tree.leaves(one_state.batch_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The gradients, through Adam's first moment after one step: mu = 0.1 * grad.
+    # Some leaves have an analytically zero gradient (a bias followed by BatchNorm): use
+    # the largest gradient of all as the scale.
+    mu_one = jax.tree.leaves(one_state.opt_state[0].mu)
+    scale = max(np.abs(x).max() for x in mu_one)
+    for a, b in zip(jax.tree.leaves(many_state.opt_state[0].mu), mu_one):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale)
+    # Replicas stay identical.
+    leaves = jax.tree.leaves(parallel(train.replicate(state), images.reshape(8, 2, 16, 16, 3))[0].params)
+    for leaf in leaves:
+        np.testing.assert_array_equal(leaf[0], leaf[7])
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("dataset", "imagenet21k", "config.dataset='imagenet21k'.*'cifar10'"),
+        ("model.backbone", "vit", "config.model.backbone='vit'.*'conv4'"),
+        ("relational.aggregation", "prod", "config.relational.aggregation='prod'.*'cat'"),
+        ("relational.loss", "hinge", "config.relational.loss='hinge'.*'focal'"),
+        ("method", "byol", "config.method='byol'.*'relational'"),
+        ("relational.num_views", 1, "config.relational.num_views=1.*K must be >= 2"),
+        ("batch_size", 12, "config.batch_size=12.*divisible by the device count 8"),
+        ("batch_size", 8, "config.batch_size=8.*>= 2 images"),
+        ("num_epochs", 0, "config.num_epochs=0.*positive integer"),
+        ("max_steps", -3, "config.max_steps=-3.*positive integer"),
+        ("checkpoint.every_steps", 0, "config.checkpoint.every_steps=0"),
+        ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate=0.0"),
+    ],
+)
+def test_config_errors(key, value, match):
+    config = base_config()
+    target, *_, last = [config] + key.split(".")
+    for part in key.split(".")[:-1]:
+        target = target[part]
+    target[last] = value
+    with pytest.raises(ValueError, match=match):
+        validate_config(config, device_count=8)
+
+
+def test_default_config_is_valid_and_unwritable_workdir_fails(tmp_path):
+    validate_config(base_config(), str(tmp_path / "run"), device_count=8)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="workdir"):
+        validate_config(base_config(), str(blocker / "run"), device_count=8)
