@@ -10,3 +10,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_platforms", "cpu")
+
+import contextlib  # noqa: E402
+import os  # noqa: E402,F811
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+
+@contextlib.contextmanager
+def mocked_tfds(data_dir, num_examples, names=("cifar10", "cifar100")):
+    """tfds.testing.mock_data with the real schemas of `names`, marked as prepared in
+    `data_dir` so that rr_jax.data.load_split reads (random) examples without a download."""
+    for name in names:
+        builder = tfds.builder(name, data_dir=str(data_dir))
+        os.makedirs(builder.data_dir, exist_ok=True)
+        builder.info.write_to_directory(builder.data_dir)
+    with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(data_dir)):
+        yield

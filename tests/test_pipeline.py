@@ -1,0 +1,138 @@
+"""End to end: configs/cifar10.py on mocked TFDS data, checkpoints, resume, preemption."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rr_jax import train
+from rr_jax.checkpoint import Checkpointer
+from conftest import mocked_tfds
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture
+def fast_compile():
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def tiny(config, data_dir, **overrides):
+    config.data_dir = str(data_dir)
+    config.relational.num_views = 2
+    config.batch_size = 16  # 2 images on each of the 8 fake devices
+    config.log_every_steps = 1
+    for key, value in overrides.items():
+        target = config
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def test_cifar10_config_end_to_end(tmp_path, fast_compile):
+    config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=3, **{"checkpoint.every_steps": 2})
+    assert config.model.backbone == "resnet32" and config.dataset == "cifar10"
+    workdir = tmp_path / "run"
+    with mocked_tfds(tmp_path / "tfds", 64):
+        state = train.pretrain(config, str(workdir))
+    assert int(state.step) == 3
+    assert Checkpointer(str(workdir)).all_steps() == [2, 3]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert {"loss", "accuracy", "accuracy_positive", "accuracy_negative", "images_per_second"} <= set(records[0])
+    assert records[0]["num_pairs"] == 2 * 1 * 2  # per device: K(K-1) * M_local
+    assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == "resnet32"
+    assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
+    backbone, saved_config = Checkpointer(str(workdir)).restore_backbone()
+    assert saved_config["relational"]["num_views"] == 2
+    np.testing.assert_array_equal(
+        backbone["params"]["conv1"]["kernel"] if "conv1" in backbone["params"]
+        else jax.tree.leaves(backbone["params"])[0],
+        (state.params["backbone"]["conv1"]["kernel"] if "conv1" in state.params["backbone"]
+         else jax.tree.leaves(state.params["backbone"])[0]),
+    )
+
+
+def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile):
+    def config():
+        return tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=4, **{
+            "model.backbone": "conv4", "checkpoint.every_steps": 100})
+
+    with mocked_tfds(tmp_path / "tfds", 64):
+        reference = train.pretrain(config(), str(tmp_path / "straight"))
+
+        real_batches = train.data.batches
+
+        def preempted_batches(*args, **kwargs):
+            for step, batch in enumerate(real_batches(*args, **kwargs), start=kwargs["start_step"] + 1):
+                if step == 3:  # a preemption notice arrives while batch 3 is prefetched
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        monkeypatch.setattr(train.data, "batches", preempted_batches)
+        stopped = train.pretrain(config(), str(tmp_path / "resumed"))
+        assert 1 <= int(stopped.step) < 4  # saved and stopped early
+        assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [int(stopped.step)]
+        monkeypatch.setattr(train.data, "batches", real_batches)
+        resumed = train.pretrain(config(), str(tmp_path / "resumed"))
+    assert int(resumed.step) == 4
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)  # bitwise on CPU
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path))
+    tree = {"w": np.arange(3.0)}
+    checkpointer.save(1, tree, tree, {"a": 1})
+    checkpointer.wait()
+    # What a kill during the write of step 2 leaves: Orbax's temporary directory.
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234").mkdir()
+    assert Checkpointer(str(tmp_path)).latest_step() == 1
+
+
+def test_nan_loss_stops_with_the_step_and_is_not_checkpointed(tmp_path, fast_compile):
+    config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=4, **{
+        "model.backbone": "conv4", "optimizer.learning_rate": 1e38, "checkpoint.every_steps": 1})
+    with mocked_tfds(tmp_path / "tfds", 64), pytest.raises(FloatingPointError, match="at step [2-4]"):
+        train.pretrain(config, str(tmp_path))
+    for step in Checkpointer(str(tmp_path)).all_steps():
+        state, _ = Checkpointer(str(tmp_path)).restore_backbone(step)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_launch_rejects_a_misspelt_config_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launch.py", "--config=configs/cifar10.py",
+         "--config.relational.num_vews=4", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "num_vews" in result.stderr
+
+
+def test_launch_reports_a_bad_config_value_before_compiling(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launch.py", "--config=configs/fashion_mnist.py",
+         "--config.relational.aggregation=prod", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "config.relational.aggregation='prod'" in result.stderr
