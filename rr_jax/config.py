@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dataset = "cifar10"
     config.data_dir = config_dict.placeholder(str)  # None: TFDS's default directory
+    config.pretrain_split = config_dict.placeholder(str)  # None: the dataset's, e.g. 'train[:10%]'
     config.method = "relational"
     config.seed = 0
     config.batch_size = 64  # global M: images per step over all devices

@@ -185,10 +185,16 @@ def parallel_train_step(**options) -> Callable:
 
 
 def replicate(tree: Any) -> Any:
-    """A host copy of every leaf for each local device (new leading axis); the pmapped
-    step places the copies on the devices at its first call and keeps them there."""
-    count = jax.local_device_count()
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))), tree)
+    """One copy of every leaf on each local device (new leading axis), placed as the
+    pmapped step places its outputs, so that feeding them back does not recompile."""
+    devices = jax.local_devices()
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
+    )
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding),
+        tree,
+    )
 
 
 def unreplicate(tree: Any) -> Any:
@@ -222,7 +228,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state."""
     validate_config(config, workdir)
     spec = data.get_dataset_spec(config.dataset)
-    images, labels = data.load_split(spec, spec.pretrain_split, config.data_dir)
+    images, labels = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
     steps_per_epoch = data.steps_per_epoch(len(images), config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:

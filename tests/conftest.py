@@ -14,6 +14,7 @@ jax.config.update("jax_platforms", "cpu")
 import contextlib  # noqa: E402
 import os  # noqa: E402,F811
 
+import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 
@@ -27,3 +28,17 @@ def mocked_tfds(data_dir, num_examples, names=("cifar10", "cifar100")):
         builder.info.write_to_directory(builder.data_dir)
     with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(data_dir)):
         yield
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+    """A TFDS data_dir holding Fashion-MNIST, prepared once per session from Debian's files."""
+    from rr_jax import data
+
+    if not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR):
+        pytest.skip(f"{data.DEBIAN_FASHION_MNIST_DIR} is absent: apt-get install dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("tfds")
+    spec = data.get_dataset_spec("fashion_mnist")
+    for split in (spec.train_split, spec.test_split):
+        data.load_split(spec, split, str(root), download=False)
+    return root

@@ -281,9 +281,9 @@ def _as_rows(images, labels):
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
+def fashion(fashion_mnist_dir):
     """Fashion-MNIST prepared once from the Debian files into a fresh data_dir."""
-    root = tmp_path_factory.mktemp("tfds")
+    root = fashion_mnist_dir
     spec = data.get_dataset_spec("fashion_mnist")
     return root, spec, {s: data.load_split(spec, s, str(root), download=False)
                         for s in ("train", "test")}

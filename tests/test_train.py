@@ -91,3 +91,19 @@ def test_default_config_is_valid_and_unwritable_workdir_fails(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="workdir"):
         validate_config(base_config(), str(blocker / "run"), device_count=8)
+
+
+def test_parallel_step_compiles_once():
+    """Feeding the step's outputs back (and the replicated initial state) never retraces."""
+    import chex
+
+    state, images, optimizer, options, _, backbone_n = step_inputs(8)
+    step = chex.assert_max_traces(train.train_step, n=1)
+    parallel = jax.pmap(
+        lambda s, x: step(s, x, backbone=backbone_n, optimizer=optimizer,
+                          augment=IDENTITY_AUGMENT, options=options, axis_name="batch"),
+        axis_name="batch", donate_argnums=(0,))
+    replicated = train.replicate(state)
+    for _ in range(3):
+        replicated, _ = parallel(replicated, images.reshape(8, 2, 16, 16, 3))
+    assert int(replicated.step[0]) == 3
