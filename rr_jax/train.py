@@ -175,13 +175,15 @@ def train_step(
     return new_state, metrics
 
 
-def parallel_train_step(**options) -> Callable:
+def parallel_train_step(*, donate: bool = True, **options) -> Callable:
     """`train_step` with `options` bound, pmapped over all devices (axis 'batch').
 
     Takes and returns a replicated state; images are [local devices, B, H, W, C].
+    `donate`: reuse the input state's buffers for the output (off to call twice on the
+    same state, as benchmarks do).
     """
     step = functools.partial(train_step, axis_name=AXIS, **options)
-    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ())
 
 
 def replicate(tree: Any) -> Any:
