@@ -1,5 +1,7 @@
 """rr_jax: self-supervised relational reasoning in JAX/Flax."""
 
+from rr_jax.augment import AugmentConfig, augment_views, normalize
+from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.relational import (
     AGGREGATIONS,
     LOSSES,
