@@ -38,7 +38,9 @@ def main():
           f"median of {args.repeats}\n")
     print("| backbone | K | views/step | step ms | views/s | compile s |")
     print("|---|---|---|---|---|---|")
-    images = np.random.default_rng(0).integers(0, 256, (devices, BATCH // devices, 32, 32, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (devices, BATCH // devices, 32, 32, 3), np.uint8),
+             "label": rng.integers(0, 10, (devices, BATCH // devices), np.int32)}
     for name in args.backbones.split(","):
         for views in map(int, args.views.split(",")):
             config = base_config()
@@ -48,11 +50,11 @@ def main():
             optimizer = train.make_optimizer(config, total_steps=1)
             state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape)
             step = train.parallel_train_step(
-                backbone=backbone, optimizer=optimizer, options=train.relational_options(config),
+                backbone=backbone, optimizer=optimizer, options=train.objective_options(config),
                 augment=train.make_augment_config(config, spec), donate=False,
             )
             compile_s, step_ms, _ = compile_and_time(
-                jax.jit(step), train.replicate(state), images, repeats=args.repeats
+                jax.jit(step), train.replicate(state), batch, repeats=args.repeats
             )
             print(f"| {name} | {views} | {views * BATCH} | {step_ms:.0f} | "
                   f"{views * BATCH / step_ms * 1e3:.0f} | {compile_s:.1f} |", flush=True)

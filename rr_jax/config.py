@@ -17,9 +17,10 @@ from rr_jax.backbones import BACKBONES
 from rr_jax.data import DATASETS
 from rr_jax.relational import AGGREGATIONS, LOSSES, NEGATIVES
 
-METHODS = ("relational",)
+METHODS = ("relational", "simclr", "supervised", "random")
+OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "multistep")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = "cifar10"
     config.data_dir = config_dict.placeholder(str)  # None: TFDS's default directory
     config.pretrain_split = config_dict.placeholder(str)  # None: the dataset's, e.g. 'train[:10%]'
-    config.method = "relational"
+    config.method = "relational"  # or the baselines 'simclr', 'supervised', 'random'
     config.seed = 0
     config.batch_size = 64  # global M: images per step over all devices
     config.num_epochs = 200
@@ -58,10 +59,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.augment.jitter_prob = 0.8
     config.augment.grayscale_prob = 0.2
 
+    config.simclr = ml_collections.ConfigDict()
+    config.simclr.temperature = 0.5
+
+    # Unset (None) fields take the method's defaults: Adam 1e-3 constant for the
+    # self-supervised methods (the paper), SGD 0.1 momentum 0.9 with x0.1 at 50% and
+    # 75% of training for 'supervised'.
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.weight_decay = 0.0  # decoupled (AdamW) when > 0
-    config.optimizer.schedule = "constant"
+    config.optimizer.name = config_dict.placeholder(str)  # 'adam' or 'sgd'
+    config.optimizer.learning_rate = config_dict.placeholder(float)
+    config.optimizer.schedule = config_dict.placeholder(str)  # 'constant', 'cosine', 'multistep'
+    config.optimizer.momentum = 0.9  # SGD only
+    config.optimizer.weight_decay = 0.0  # AdamW (decoupled) or SGD's L2 when > 0
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
@@ -104,7 +113,9 @@ def validate_config(
     _choice(config, "relational.aggregation", AGGREGATIONS)
     _choice(config, "relational.negatives", NEGATIVES)
     _choice(config, "relational.loss", LOSSES)
-    _choice(config, "optimizer.schedule", SCHEDULES)
+    for key, allowed in (("optimizer.name", OPTIMIZERS), ("optimizer.schedule", SCHEDULES)):
+        if config.optimizer[key.split(".")[1]] is not None:
+            _choice(config, key, allowed)
     if config.relational.num_views < 2:
         _fail("relational.num_views", config.relational.num_views, "K must be >= 2 views to form pairs")
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
@@ -116,8 +127,10 @@ def validate_config(
             _fail(key, value, "it must be a positive integer")
     if config.max_steps is not None and config.max_steps < 1:
         _fail("max_steps", config.max_steps, "it must be a positive integer or None (no cap)")
-    if config.optimizer.learning_rate <= 0:
-        _fail("optimizer.learning_rate", config.optimizer.learning_rate, "it must be > 0")
+    if config.optimizer.learning_rate is not None and config.optimizer.learning_rate <= 0:
+        _fail("optimizer.learning_rate", config.optimizer.learning_rate, "it must be > 0 or None (the method's default)")
+    if config.simclr.temperature <= 0:
+        _fail("simclr.temperature", config.simclr.temperature, "it must be > 0")
     if config.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", config.optimizer.weight_decay, "it must be >= 0")
     devices = jax.device_count() if device_count is None else device_count

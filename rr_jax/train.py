@@ -28,6 +28,7 @@ from absl import logging
 
 from rr_jax import data
 from rr_jax.augment import AugmentConfig, augment_views
+from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
@@ -54,23 +55,51 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class RelationalOptions:
-    """Static options of the relational objective (see `relational_loss`)."""
+class ObjectiveOptions:
+    """Static options of the pretraining objective.
 
+    method: 'relational' (see `relational_loss` for the other fields), 'simclr'
+    (NT-Xent on two views, `temperature`) or 'supervised' (cross-entropy with labels).
+    """
+
+    method: str = "relational"
     num_views: int = 32
     aggregation: str = "cat"
     negatives: str = "derangement"
     loss: str = "focal"
     global_negatives: bool = False
+    temperature: float = 0.5
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """The learning rate per step; unset config fields take the method's defaults.
+
+    Self-supervised methods: 1e-3, constant (the paper). 'supervised': 0.1, x0.1 at 50%
+    and 75% of training ('multistep').
+    """
+    opt, supervised = config.optimizer, config.method == "supervised"
+    base = opt.learning_rate or (0.1 if supervised else 1e-3)
+    schedule = opt.schedule or ("multistep" if supervised else "constant")
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(base, max(total_steps, 1))
+    if schedule == "multistep":
+        return optax.piecewise_constant_schedule(
+            base, {int(0.5 * total_steps): 0.1, int(0.75 * total_steps): 0.1}
+        )
+    return optax.constant_schedule(base)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """Adam (AdamW when weight_decay > 0) with a constant or cosine learning rate."""
+    """Adam (AdamW when weight_decay > 0) for the self-supervised methods; SGD with
+    momentum (and L2 weight decay) for 'supervised'; or `config.optimizer.name`."""
     opt = config.optimizer
-    if opt.schedule == "cosine":
-        learning_rate = optax.cosine_decay_schedule(opt.learning_rate, total_steps)
-    else:
-        learning_rate = opt.learning_rate
+    learning_rate = learning_rate_schedule(config, total_steps)
+    name = opt.name or ("sgd" if config.method == "supervised" else "adam")
+    if name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(opt.weight_decay),
+            optax.sgd(learning_rate, momentum=opt.momentum),
+        )
     if opt.weight_decay > 0:
         return optax.adamw(learning_rate, weight_decay=opt.weight_decay)
     return optax.adam(learning_rate)
@@ -82,13 +111,33 @@ def make_backbone(config: ml_collections.ConfigDict, axis_name: str | None = AXI
 
 
 def make_augment_config(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> AugmentConfig:
-    """The augmentation of `config.augment`, normalised with the dataset's statistics."""
-    return AugmentConfig(**config.augment.to_dict(), mean=spec.mean, std=spec.std)
+    """The augmentation of `config.augment`, normalised with the dataset's statistics.
+
+    'supervised' keeps crop and flip only (no colour jitter, no grayscale).
+    """
+    fields = config.augment.to_dict()
+    if config.method == "supervised":
+        fields.update(jitter_prob=0.0, grayscale_prob=0.0)
+    return AugmentConfig(**fields, mean=spec.mean, std=spec.std)
 
 
-def relational_options(config: ml_collections.ConfigDict) -> RelationalOptions:
+def objective_options(config: ml_collections.ConfigDict) -> ObjectiveOptions:
+    """The static objective options of a config ('simclr': 2 views, 'supervised': 1)."""
     rel = config.relational
-    return RelationalOptions(rel.num_views, rel.aggregation, rel.negatives, rel.loss, rel.global_negatives)
+    views = {"simclr": 2, "supervised": 1}.get(config.method, rel.num_views)
+    return ObjectiveOptions(
+        config.method, views, rel.aggregation, rel.negatives, rel.loss, rel.global_negatives,
+        config.simclr.temperature,
+    )
+
+
+def _head(options: ObjectiveOptions, num_classes: int) -> nn.Module | None:
+    """The method's head module on backbone features (None: the relation head)."""
+    if options.method == "simclr":
+        return ProjectionHead()
+    if options.method == "supervised":
+        return nn.Dense(num_classes)
+    return None
 
 
 def create_train_state(
@@ -97,15 +146,22 @@ def create_train_state(
     optimizer: optax.GradientTransformation,
     image_shape: tuple[int, int, int],
     *,
-    aggregation: str = "cat",
+    options: ObjectiveOptions = ObjectiveOptions(),
     hidden_dim: int = 256,
+    num_classes: int = 10,
 ) -> TrainState:
-    """Fresh parameters for a backbone taking images [H, W, C] and its relation head."""
+    """Fresh parameters for a backbone taking images [H, W, C] and the method's head."""
     init_key, head_key, run_key = jax.random.split(key, 3)
     dummy = jnp.zeros((2, *image_shape), jnp.float32)
     backbone_vars = backbone.init(init_key, dummy, train=False)
     dim = jax.eval_shape(lambda v: backbone.apply(v, dummy, train=False), backbone_vars).shape[-1]
-    head_vars = init_relation_head(head_key, dim, aggregation=aggregation, hidden_dim=hidden_dim)
+    head = _head(options, num_classes)
+    if head is None:
+        head_vars = init_relation_head(
+            head_key, dim, aggregation=options.aggregation, hidden_dim=hidden_dim
+        )
+    else:
+        head_vars = {"batch_stats": {}, **head.init(head_key, jnp.zeros((2, dim)))}
     params = {"backbone": backbone_vars["params"], "head": head_vars["params"]}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -116,23 +172,51 @@ def create_train_state(
     )
 
 
+def objective_loss(
+    features: jax.Array,
+    head_variables: Any,
+    key: jax.Array,
+    labels: jax.Array,
+    *,
+    options: ObjectiveOptions,
+    num_classes: int,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """The method's loss on backbone features[K, B, D] -> (loss, metrics, head batch_stats)."""
+    if options.method == "relational":
+        return relational_loss(
+            features, head_variables, key,
+            aggregation=options.aggregation, negatives=options.negatives, loss=options.loss,
+            axis_name=axis_name, global_negatives=options.global_negatives,
+        )
+    head = _head(options, num_classes)
+    outputs = head.apply({"params": head_variables["params"]}, features)
+    if options.method == "simclr":
+        loss, accuracy = nt_xent_loss(outputs[0], outputs[1], options.temperature)
+    else:
+        loss, accuracy = classification_loss(outputs[0], labels)
+    return loss, {"loss": loss, "accuracy": accuracy}, head_variables["batch_stats"]
+
+
 def train_step(
     state: TrainState,
-    images: jax.Array,
+    batch: dict[str, jax.Array],
     *,
     backbone: nn.Module,
     optimizer: optax.GradientTransformation,
     augment: AugmentConfig,
-    options: RelationalOptions,
+    options: ObjectiveOptions,
+    num_classes: int = 10,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One relational step on a batch of uint8 images[B, H, W, C]; pure.
+    """One pretraining step on {'image': uint8[B, H, W, C], 'label': int[B]}; pure.
 
-    Augments K views on device, runs the backbone once on all K*B views, scores every
-    pair with the relation head and takes an optimizer step. Under `axis_name`,
-    gradients, metrics and BatchNorm statistics are averaged over devices and each
-    device augments with its own key; the negatives' key is shared so that
-    `global_negatives` draws one derangement of the whole batch.
+    Augments K views on device, runs the backbone once on all K*B views, applies the
+    method's objective (relational: every pair scored by the relation head) and takes
+    an optimizer step. Under `axis_name`, gradients, metrics and BatchNorm statistics
+    are averaged over devices and each device augments with its own key; the negatives'
+    key is shared so that `global_negatives` draws one derangement of the whole batch.
+    Labels are used by 'supervised' only.
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     augment_key, pair_key = jax.random.split(step_key)
@@ -140,25 +224,21 @@ def train_step(
         augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
         if not options.global_negatives:
             pair_key = jax.random.fold_in(pair_key, jax.lax.axis_index(axis_name))
-    views = augment_views(augment_key, images, options.num_views, augment)
-    num_views, batch = views.shape[:2]
+    views = augment_views(augment_key, batch["image"], options.num_views, augment)
+    num_views, batch_size = views.shape[:2]
 
     def loss_fn(params):
         features, updates = backbone.apply(
             {"params": params["backbone"], "batch_stats": state.batch_stats["backbone"]},
-            views.reshape(num_views * batch, *views.shape[2:]),
+            views.reshape(num_views * batch_size, *views.shape[2:]),
             train=True,
             mutable=["batch_stats"],
         )
-        loss, metrics, head_stats = relational_loss(
-            features.reshape(num_views, batch, -1),
+        loss, metrics, head_stats = objective_loss(
+            features.reshape(num_views, batch_size, -1),
             {"params": params["head"], "batch_stats": state.batch_stats["head"]},
-            pair_key,
-            aggregation=options.aggregation,
-            negatives=options.negatives,
-            loss=options.loss,
-            axis_name=axis_name,
-            global_negatives=options.global_negatives,
+            pair_key, batch["label"],
+            options=options, num_classes=num_classes, axis_name=axis_name,
         )
         return loss, (metrics, {"backbone": updates["batch_stats"], "head": head_stats})
 
@@ -178,7 +258,7 @@ def train_step(
 def parallel_train_step(*, donate: bool = True, **options) -> Callable:
     """`train_step` with `options` bound, pmapped over all devices (axis 'batch').
 
-    Takes and returns a replicated state; images are [local devices, B, H, W, C].
+    Takes and returns a replicated state; batch leaves are [local devices, B, ...].
     `donate`: reuse the input state's buffers for the output (off to call twice on the
     same state, as benchmarks do).
     """
@@ -236,12 +316,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
+    if config.method == "random":  # the lower bound: the probe sees untrained weights
+        total_steps = 0
     backbone = make_backbone(config)
     optimizer = make_optimizer(config, total_steps)
-    options = relational_options(config)
+    options = objective_options(config)
     state = create_train_state(
         jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
-        aggregation=options.aggregation, hidden_dim=config.relational.hidden_dim,
+        options=options, hidden_dim=config.relational.hidden_dim, num_classes=spec.num_classes,
     )
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
     start = checkpointer.latest_step() or 0
@@ -251,7 +333,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     _log_run(config, workdir, state, spec, steps_per_epoch, total_steps)
 
     step_fn = parallel_train_step(
-        backbone=backbone, optimizer=optimizer, options=options,
+        backbone=backbone, optimizer=optimizer, options=options, num_classes=spec.num_classes,
         augment=make_augment_config(config, spec),
     )
     batches = data.prefetch_to_devices(
@@ -273,9 +355,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                          "batch_stats": host_state.batch_stats["backbone"]}
         checkpointer.save(step, host_state, backbone_vars, config.to_dict())
 
+    if total_steps == 0 and checkpointer.latest_step() is None:
+        save(0)  # method 'random': the untrained weights are the result
     with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
         for step in range(start + 1, total_steps + 1):
-            replicated, metrics = step_fn(replicated, next(batches)["image"])
+            replicated, metrics = step_fn(replicated, next(batches))
             pending.append(metrics)
             last = step == total_steps
             if step % config.log_every_steps == 0 or last or preemption.requested:

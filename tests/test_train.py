@@ -22,9 +22,14 @@ def step_inputs(num_devices, batch=16):
     backbone_n = train.make_backbone(config)
     optimizer = train.make_optimizer(config, total_steps=10)
     state = train.create_train_state(jax.random.key(0), backbone_1, optimizer, (16, 16, 3))
-    images = jax.random.randint(jax.random.key(1), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8)
-    options = train.RelationalOptions(num_views=3, negatives="roll", global_negatives=True)
+    images = {"image": jax.random.randint(jax.random.key(1), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8),
+              "label": jnp.arange(batch) % 10}
+    options = train.ObjectiveOptions(num_views=3, negatives="roll", global_negatives=True)
     return state, images, optimizer, options, backbone_1, backbone_n
+
+
+def per_device(batch):
+    return jax.tree.map(lambda x: x.reshape(8, -1, *x.shape[1:]), batch)
 
 
 def test_eight_device_step_equals_one_device_step():
@@ -37,7 +42,7 @@ def test_eight_device_step_equals_one_device_step():
 
     parallel = train.parallel_train_step(
         backbone=backbone_n, optimizer=optimizer, augment=IDENTITY_AUGMENT, options=options)
-    many_state, many_metrics = parallel(train.replicate(state), images.reshape(8, 2, 16, 16, 3))
+    many_state, many_metrics = parallel(train.replicate(state), per_device(images))
     many_state = train.unreplicate(many_state)
 
     np.testing.assert_allclose(many_metrics["loss"][0], one_metrics["loss"], rtol=1e-5)
@@ -53,7 +58,7 @@ def test_eight_device_step_equals_one_device_step():
     for a, b in zip(jax.tree.leaves(many_state.opt_state[0].mu), mu_one):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale)
     # Replicas stay identical.
-    leaves = jax.tree.leaves(parallel(train.replicate(state), images.reshape(8, 2, 16, 16, 3))[0].params)
+    leaves = jax.tree.leaves(parallel(train.replicate(state), per_device(images))[0].params)
     for leaf in leaves:
         np.testing.assert_array_equal(leaf[0], leaf[7])
 
@@ -73,6 +78,8 @@ def test_eight_device_step_equals_one_device_step():
         ("max_steps", -3, "config.max_steps=-3.*positive integer"),
         ("checkpoint.every_steps", 0, "config.checkpoint.every_steps=0"),
         ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate=0.0"),
+        ("optimizer.name", "lamb", "config.optimizer.name='lamb'.*'adam', 'sgd'"),
+        ("simclr.temperature", 0.0, "config.simclr.temperature=0.0"),
     ],
 )
 def test_config_errors(key, value, match):
@@ -105,5 +112,5 @@ def test_parallel_step_compiles_once():
         axis_name="batch", donate_argnums=(0,))
     replicated = train.replicate(state)
     for _ in range(3):
-        replicated, _ = parallel(replicated, images.reshape(8, 2, 16, 16, 3))
+        replicated, _ = parallel(replicated, per_device(images))
     assert int(replicated.step[0]) == 3
