@@ -1,12 +1,14 @@
 """Orbax checkpoints of a pretraining run; the only module that imports orbax.
 
-Layout: WORKDIR/checkpoints/<step>/{state, backbone, config}. `state` is the full
-train state (for resuming), `backbone` the backbone variables {'params',
-'batch_stats'} on their own (for the linear probe and exports), `config` the
-resolved config as JSON. Arrays are saved as host NumPy copies of one replica: never
-replicated, and restorable in a process with any number of devices (they come back
-as NumPy and the caller places them). Orbax writes each step into a temporary
-directory and renames it when complete, so a step cut short by a kill is never listed.
+Layout: WORKDIR/checkpoints/<step>/{state, backbone, config} for pretraining runs.
+`state` is the full train state (for resuming), `backbone` the backbone variables
+{'params', 'batch_stats'} on their own (for the linear probe and exports), `config` the
+resolved config as JSON. Imported weights (rr_jax.convert) have no train state: their
+steps hold `backbone`, `config` and, when known, `head` (the relation head's variables).
+Arrays are saved as host NumPy copies of one replica: never replicated, and restorable
+in a process with any number of devices (they come back as NumPy and the caller places
+them). Orbax writes each step into a temporary directory and renames it when complete,
+so a step cut short by a kill is never listed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "backbone", "config")
+ITEMS = ("state", "backbone", "head", "config")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -62,6 +64,19 @@ class Checkpointer:
             force=True,
         )
 
+    def save_weights(
+        self, step: int, backbone: Any, config: dict, head: Any | None = None
+    ) -> None:
+        """Writes step `step` without a train state: backbone variables, config and the
+        relation head's variables {'params', 'batch_stats'} when given (imported weights)."""
+        items = {
+            "backbone": ocp.args.StandardSave(_to_host(backbone)),
+            "config": ocp.args.JsonSave(config),
+        }
+        if head is not None:
+            items["head"] = ocp.args.StandardSave(_to_host(head))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
     def restore_state(self, step: int, target: Any) -> Any:
         """The train state of `step`, as NumPy arrays shaped like `target`."""
         restored = self._manager.restore(
@@ -79,6 +94,28 @@ class Checkpointer:
             ),
         )
         return _to_host(restored["backbone"]), dict(restored["config"])
+
+    def restore_head(self, step: int | None = None) -> Any | None:
+        """The relation head's variables {'params', 'batch_stats'} as NumPy (default step:
+        the latest): the `head` item of imported weights, else the head in the train state
+        of a pretraining run; None when the step has neither."""
+        step = self._require_step(step)
+        try:
+            return self._restore_item(step, "head")
+        except KeyError:  # not imported weights
+            pass
+        try:
+            state = self._restore_item(step, "state")
+        except KeyError:
+            return None
+        return {collection: state[collection]["head"] for collection in ("params", "batch_stats")}
+
+    def _restore_item(self, step: int, item: str) -> Any:
+        """Item `item` of `step` as saved, NumPy leaves; KeyError if the step lacks it."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
+        )
+        return _to_host(restored[item])
 
     def _require_step(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -102,3 +139,22 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def save_probe(directory: str, tree: Any) -> None:
+    """Writes a probe's variables (a host copy of `tree`) to `directory`, replacing it.
+
+    Used by the linear probe for its classifier (and, after fine-tuning, the backbone).
+    """
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(directory), _to_host(tree), force=True)
+        checkpointer.wait_until_finished()
+
+
+def restore_probe(directory: str) -> Any:
+    """The tree written by `save_probe` to `directory`, as NumPy arrays."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No probe checkpoint in {directory}; run the linear probe first.")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return _to_host(checkpointer.restore(directory))

@@ -137,14 +137,15 @@ def randomise(torch, module, seed):
     return module.eval()
 
 
-def save_official(torch, path, backbone, head=None):
-    """The official Model.save: torch.save({'backbone', 'relation', 'optimizer'})."""
+def save_official(torch, path, backbone, head=None, legacy=False):
+    """The official Model.save: torch.save({'backbone', 'relation', 'optimizer'});
+    `legacy`: in the pre-zip format of PyTorch < 1.6, which the paper's code ran on."""
     params = list(backbone.parameters()) + (list(head.parameters()) if head else [])
     payload = {"backbone": backbone.state_dict(),
                "optimizer": torch.optim.Adam(params, lr=1e-3).state_dict()}
     if head is not None:
         payload["relation"] = head.state_dict()
-    torch.save(payload, path)
+    torch.save(payload, path, _use_new_zipfile_serialization=not legacy)
 
 
 def assert_close(actual, expected):
@@ -191,11 +192,11 @@ def test_relation_head_converts_both_ways_and_scores_like_pytorch(torch, tmp_pat
     jax.tree.map(np.testing.assert_array_equal, reread, variables)
 
 
-@pytest.mark.parametrize("name", ["resnet8", "resnet18"])
-def test_from_torch_then_to_torch_reproduces_every_tensor(torch, tmp_path, name):
+@pytest.mark.parametrize("name, legacy", [("resnet8", True), ("resnet18", False)])
+def test_from_torch_then_to_torch_reproduces_every_tensor(torch, tmp_path, name, legacy):
     model = randomise(torch, official_backbone(torch, name), seed=3)
     head = randomise(torch, official_head(torch, RESNETS[name][1][-1]), seed=4)
-    save_official(torch, tmp_path / "official.tar", model, head)
+    save_official(torch, tmp_path / "official.tar", model, head, legacy)
     for argv in (
         ["from-torch", str(tmp_path / "official.tar"), f"--backbone={name}",
          f"--workdir={tmp_path / 'run'}", "--dataset=cifar100"],
