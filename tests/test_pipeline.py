@@ -118,21 +118,14 @@ def test_nan_loss_stops_with_the_step_and_is_not_checkpointed(tmp_path, fast_com
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
 
-def test_launch_rejects_a_misspelt_config_key(tmp_path):
+@pytest.mark.parametrize("config, override, message", [
+    ("cifar10", "--config.relational.num_vews=4", "num_vews"),  # misspelt key: locked config
+    ("fashion_mnist", "--config.relational.aggregation=prod", "config.relational.aggregation='prod'"),
+])
+def test_launch_rejects_bad_configs_before_compiling(tmp_path, config, override, message):
     result = subprocess.run(
-        [sys.executable, "launch.py", "--config=configs/cifar10.py",
-         "--config.relational.num_vews=4", f"--workdir={tmp_path}"],
+        [sys.executable, "launch.py", f"--config=configs/{config}.py", override, f"--workdir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "num_vews" in result.stderr
-
-
-def test_launch_reports_a_bad_config_value_before_compiling(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "launch.py", "--config=configs/fashion_mnist.py",
-         "--config.relational.aggregation=prod", f"--workdir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode != 0
-    assert "config.relational.aggregation='prod'" in result.stderr
+    assert message in result.stderr
