@@ -19,6 +19,7 @@ import pytest
 from rr_jax import convert
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
+from rr_jax.linear_probe import load_backbone
 from rr_jax.relational import RelationHead, init_relation_head
 
 # name -> (blocks per stage, widths, ImageNet stem); conv4 is separate.
@@ -160,10 +161,9 @@ def test_converted_backbone_reproduces_pytorch_features(torch, tmp_path, name):
     save_official(torch, tmp_path / "official.tar", model)
     convert.from_torch(str(tmp_path / "official.tar"), str(tmp_path / "run"), name)
 
-    variables, config = Checkpointer(str(tmp_path / "run")).restore_backbone()
-    assert (config["dataset"], config["model"]["backbone"]) == ("cifar10", name)
+    backbone, variables, config, step = load_backbone(str(tmp_path / "run"))  # as the probe
+    assert (config["dataset"], config["model"]["backbone"], step) == ("cifar10", name, 0)
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    backbone = create_backbone(config["model"]["backbone"])
     features = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(variables, images)
     with torch.no_grad():
         expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
