@@ -1,4 +1,4 @@
-"""Pretrains a backbone by relational reasoning, then runs the linear probe.
+"""Pretrains a backbone by relational reasoning, then runs the linear probe on it.
 
     python launch.py --config=configs/cifar10.py --workdir=/tmp/rr_cifar10 \
         [--config.model.backbone=conv4 ...]
@@ -29,13 +29,15 @@ def main(argv):
         if jax.config.jax_platforms in (None, "", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from rr_jax import train
+    from rr_jax import linear_probe, train
 
-    train.pretrain(FLAGS.config, FLAGS.workdir)
+    config = FLAGS.config
+    train.pretrain(config, FLAGS.workdir)
     logging.info("Pretraining finished; checkpoints are in %s/checkpoints.", FLAGS.workdir)
-    if FLAGS.config.probe.enabled:
-        logging.warning("probe.enabled is set, but the linear-probe module is not part of this "
-                        "version yet: pretraining only.")
+    if config.probe.enabled:
+        results = linear_probe.run_probe(FLAGS.workdir, epochs=config.probe.epochs, data_dir=config.data_dir)
+        logging.info("Linear probe on %s: top-1 %.2f%%, top-5 %.2f%%.",
+                     results["dataset"], 100 * results["top1"], 100 * results["top5"])
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint.max_to_keep = 3
 
     config.probe = ml_collections.ConfigDict()
-    config.probe.enabled = True
+    config.probe.enabled = True  # launch.py runs the linear probe after pretraining
+    config.probe.epochs = 100
     return config
 
 
@@ -119,7 +120,7 @@ def validate_config(
     if config.relational.num_views < 2:
         _fail("relational.num_views", config.relational.num_views, "K must be >= 2 views to form pairs")
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "log_every_steps", "relational.hidden_dim"):
+                "log_every_steps", "relational.hidden_dim", "probe.epochs"):
         value = config
         for part in key.split("."):
             value = value[part]
