@@ -13,7 +13,9 @@ Every backbone takes the same keyword options:
 
 Initialisation and BatchNorm match PyTorch: convolution kernels are He-normal with
 fan-out (``kaiming_normal_(mode='fan_out', nonlinearity='relu')``), BatchNorm scale 1
-and bias 0, momentum 0.1 in PyTorch's convention (0.9 in Flax's), epsilon 1e-5.
+and bias 0, momentum 0.1 in PyTorch's convention (0.9 in Flax's), epsilon 1e-5. One
+difference remains: the running variance averages the biased batch variance, PyTorch's
+the unbiased one (a factor n / (n - 1) with n = N*H*W, in the thousands here).
 """
 
 from __future__ import annotations
