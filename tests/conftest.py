@@ -42,3 +42,13 @@ def fashion_mnist_dir(tmp_path_factory):
     for split in (spec.train_split, spec.test_split):
         data.load_split(spec, split, str(root), download=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """Compile time dominates the small runs of a test module; XLA's optimisations do not
+    change results, so they are off for the module's tests that ask for this."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

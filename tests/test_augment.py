@@ -25,13 +25,7 @@ IDENTITY = dict(
 P_MIN = 1e-3  # significance level of the statistical tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compilation dominates these small tests."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def keys(seed, n):

@@ -16,12 +16,7 @@ EPS = 1e-5
 MOMENTUM = 0.1  # PyTorch convention: new = (1 - MOMENTUM) * old + MOMENTUM * batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Compile time dominates these small models; XLA optimisations do not change results."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _images(seed, shape):

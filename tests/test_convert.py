@@ -33,12 +33,7 @@ RESNETS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Compile time dominates these small batches; XLA optimisations do not change results."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ NUM_EXAMPLES = 64  # per mocked split
 CIFAR10 = get_dataset_spec("cifar10")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Compile time dominates these small runs; XLA optimisations do not change results."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,6 @@ def load_config(name):
     return module.get_config()
 
 
-@pytest.fixture
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 def tiny(config, data_dir, **overrides):
     config.data_dir = str(data_dir)
     config.relational.num_views = 2
