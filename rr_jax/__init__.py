@@ -4,8 +4,10 @@ from rr_jax.augment import AugmentConfig, augment_views, normalize
 from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.relational import (
     AGGREGATIONS,
+    HEADS,
     LOSSES,
     NEGATIVES,
+    DotProductHead,
     RelationHead,
     aggregate,
     init_relation_head,

@@ -15,7 +15,7 @@ from ml_collections import config_dict
 
 from rr_jax.backbones import BACKBONES
 from rr_jax.data import DATASETS
-from rr_jax.relational import AGGREGATIONS, LOSSES, NEGATIVES
+from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES
 
 METHODS = ("relational", "simclr", "supervised", "random")
 OPTIMIZERS = ("adam", "sgd")
@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.relational.loss = "focal"
     config.relational.global_negatives = False  # negatives across devices (all-gather)
     config.relational.hidden_dim = 256
+    config.relational.head = "mlp"  # the relation head; 'dot': the dot-product ablation
 
     config.augment = ml_collections.ConfigDict()
     config.augment.crop_scale = (0.08, 1.0)
@@ -75,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.max_to_keep = 3
+
+    # Online monitoring: weighted kNN top-1 of the first num_test test images against the
+    # first num_train pretraining images (labels used for monitoring only), written to
+    # metrics.jsonl as 'knn_top1' every every_steps steps and at the end; 0 turns it off.
+    config.knn_monitor = ml_collections.ConfigDict()
+    config.knn_monitor.every_steps = 0
+    config.knn_monitor.num_train = 5000
+    config.knn_monitor.num_test = 1000
+    config.knn_monitor.k = 20
+    config.knn_monitor.temperature = 0.07
 
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True  # launch.py runs the linear probe after pretraining
@@ -114,13 +125,15 @@ def validate_config(
     _choice(config, "relational.aggregation", AGGREGATIONS)
     _choice(config, "relational.negatives", NEGATIVES)
     _choice(config, "relational.loss", LOSSES)
+    _choice(config, "relational.head", HEADS)
     for key, allowed in (("optimizer.name", OPTIMIZERS), ("optimizer.schedule", SCHEDULES)):
         if config.optimizer[key.split(".")[1]] is not None:
             _choice(config, key, allowed)
     if config.relational.num_views < 2:
         _fail("relational.num_views", config.relational.num_views, "K must be >= 2 views to form pairs")
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "log_every_steps", "relational.hidden_dim", "probe.epochs"):
+                "log_every_steps", "relational.hidden_dim", "probe.epochs",
+                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k"):
         value = config
         for part in key.split("."):
             value = value[part]
@@ -130,6 +143,14 @@ def validate_config(
         _fail("max_steps", config.max_steps, "it must be a positive integer or None (no cap)")
     if config.optimizer.learning_rate is not None and config.optimizer.learning_rate <= 0:
         _fail("optimizer.learning_rate", config.optimizer.learning_rate, "it must be > 0 or None (the method's default)")
+    every = config.knn_monitor.every_steps
+    if not isinstance(every, int) or every < 0:
+        _fail("knn_monitor.every_steps", every, "it must be an integer >= 0 (0: off)")
+    if config.knn_monitor.k > config.knn_monitor.num_train:
+        _fail("knn_monitor.k", config.knn_monitor.k,
+              f"it must be <= knn_monitor.num_train={config.knn_monitor.num_train}")
+    if config.knn_monitor.temperature <= 0:
+        _fail("knn_monitor.temperature", config.knn_monitor.temperature, "it must be > 0")
     if config.simclr.temperature <= 0:
         _fail("simclr.temperature", config.simclr.temperature, "it must be > 0")
     if config.optimizer.weight_decay < 0:

@@ -29,6 +29,7 @@ import optax
 from rr_jax.shuffle import derangements
 
 AGGREGATIONS = ("cat", "sum", "mean", "max")
+HEADS = ("mlp", "dot")
 NEGATIVES = ("derangement", "roll")
 LOSSES = ("focal", "bce")
 
@@ -286,18 +287,54 @@ class RelationHead(nn.Module):
         return self._tail(hidden, train)
 
 
+class DotProductHead(nn.Module):
+    """The paper's ablation of the relation head: logit = scale * <z_i, z_j> + bias.
+
+    The two scalars (initialised 1 and 0) only calibrate the logits for the pair loss;
+    the relation itself is the plain dot product of the two embeddings, so nothing is
+    learned about pairs beyond what the encoder puts into its features.
+    """
+
+    def setup(self):
+        self.scale = self.param("scale", nn.initializers.ones, ())
+        self.bias = self.param("bias", nn.initializers.zeros, ())
+
+    def score(
+        self,
+        left_source: jax.Array,
+        right_source: jax.Array,
+        left: jax.Array,
+        right: jax.Array,
+        train: bool = False,
+        factored: bool = True,
+    ) -> jax.Array:
+        """float[R] logits of the pairs (left_source[left[r]], right_source[right[r]]);
+        `train` and `factored` are accepted for the RelationHead interface and unused."""
+        del train, factored
+        dots = jnp.sum(left_source[left] * right_source[right], axis=-1)
+        return self.scale * dots + self.bias
+
+
 def init_relation_head(
     key: jax.Array,
     embedding_dim: int,
     *,
     aggregation: str = "cat",
     hidden_dim: int = 256,
+    head: str = "mlp",
 ) -> Variables:
-    """Initial variables {'params', 'batch_stats'} of a `RelationHead`."""
+    """Initial variables {'params', 'batch_stats'} of a `RelationHead` (head='mlp') or
+    of a `DotProductHead` (head='dot', which ignores aggregation and hidden_dim)."""
+    check_choice("head", head, HEADS)
     check_choice("aggregation", aggregation, AGGREGATIONS)
-    head = RelationHead(embedding_dim, aggregation, hidden_dim)
+    if head == "dot":
+        dummy = jnp.zeros((2, embedding_dim), jnp.float32)
+        index = jnp.zeros((2,), jnp.int32)
+        variables = DotProductHead().init(key, dummy, dummy, index, index, method="score")
+        return {"batch_stats": {}, **variables}
+    module = RelationHead(embedding_dim, aggregation, hidden_dim)
     width = 2 * embedding_dim if aggregation == "cat" else embedding_dim
-    return head.init(key, jnp.zeros((2, width), jnp.float32), train=False)
+    return module.init(key, jnp.zeros((2, width), jnp.float32), train=False)
 
 
 def pair_loss(logits: jax.Array, targets: jax.Array, loss: str = "focal") -> jax.Array:
@@ -329,8 +366,13 @@ def pair_metrics(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def _head_for(head_variables: Variables, dim: int, aggregation: str, axis_name) -> RelationHead:
-    """The RelationHead matching `head_variables`, checked against D and aggregation."""
+def _head_for(
+    head_variables: Variables, dim: int, aggregation: str, axis_name
+) -> RelationHead | DotProductHead:
+    """The head matching `head_variables` (a DotProductHead's hold 'scale'; a
+    RelationHead's are checked against D and aggregation)."""
+    if "scale" in head_variables.get("params", {}):
+        return DotProductHead()
     try:
         kernel = head_variables["params"]["hidden"]["kernel"]
     except (KeyError, TypeError) as error:
@@ -370,8 +412,8 @@ def relational_loss(
 
     Args:
       embeddings: float[K, M, D] encoder outputs, view k of image m at [k, m].
-      head_variables: relation-head variables {'params', 'batch_stats'}
-        (see `init_relation_head`).
+      head_variables: variables {'params', 'batch_stats'} of the relation head or of
+        the dot-product ablation; they choose the head (see `init_relation_head`).
       key: PRNG key for the negatives (may be None with negatives='roll').
       aggregation: 'cat', 'sum', 'mean' or 'max'.
       negatives: 'derangement' (uniform, a fresh one per view pair) or 'roll'.
@@ -407,11 +449,11 @@ def relational_loss(
         right_source = flat
     score = functools.partial(
         head.apply, head_variables, flat, right_source, left, right, train, factored,
-        method=RelationHead.score,
+        method="score",
     )
     if train:
         logits, updates = score(mutable=["batch_stats"])
-        batch_stats = updates["batch_stats"]
+        batch_stats = updates.get("batch_stats", {})
     else:
         logits, batch_stats = score(), head_variables["batch_stats"]
     value = pair_loss(logits, targets, loss)

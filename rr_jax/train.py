@@ -32,6 +32,8 @@ from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
+from rr_jax.evaluate import knn_accuracy
+from rr_jax.linear_probe import extract_features
 from rr_jax.observe import MetricsLog, ProgressBar
 from rr_jax.relational import init_relation_head, relational_loss
 
@@ -58,8 +60,9 @@ class TrainState:
 class ObjectiveOptions:
     """Static options of the pretraining objective.
 
-    method: 'relational' (see `relational_loss` for the other fields), 'simclr'
-    (NT-Xent on two views, `temperature`) or 'supervised' (cross-entropy with labels).
+    method: 'relational' (see `relational_loss` for the other fields; `head` is 'mlp',
+    the relation head, or 'dot', the dot-product ablation), 'simclr' (NT-Xent on two
+    views, `temperature`) or 'supervised' (cross-entropy with labels).
     """
 
     method: str = "relational"
@@ -69,6 +72,7 @@ class ObjectiveOptions:
     loss: str = "focal"
     global_negatives: bool = False
     temperature: float = 0.5
+    head: str = "mlp"
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -127,7 +131,7 @@ def objective_options(config: ml_collections.ConfigDict) -> ObjectiveOptions:
     views = {"simclr": 2, "supervised": 1}.get(config.method, rel.num_views)
     return ObjectiveOptions(
         config.method, views, rel.aggregation, rel.negatives, rel.loss, rel.global_negatives,
-        config.simclr.temperature,
+        config.simclr.temperature, rel.head,
     )
 
 
@@ -158,7 +162,8 @@ def create_train_state(
     head = _head(options, num_classes)
     if head is None:
         head_vars = init_relation_head(
-            head_key, dim, aggregation=options.aggregation, hidden_dim=hidden_dim
+            head_key, dim, aggregation=options.aggregation, hidden_dim=hidden_dim,
+            head=options.head,
         )
     else:
         head_vars = {"batch_stats": {}, **head.init(head_key, jnp.zeros((2, dim)))}
@@ -288,6 +293,33 @@ def _all_finite(tree: Any) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
 
 
+def knn_monitor(
+    config: ml_collections.ConfigDict, spec: data.DatasetSpec
+) -> Callable[[TrainState], float] | None:
+    """The online monitor of `config.knn_monitor`: a function of an unreplicated state
+    giving the weighted kNN top-1 accuracy of its backbone (eval mode) on the first
+    `num_test` test images against the first `num_train` training images; None when off.
+    """
+    monitor = config.knn_monitor
+    if not monitor.every_steps:
+        return None
+    bank_images, bank_labels = (a[: monitor.num_train] for a in data.load_split(spec, spec.train_split, config.data_dir))
+    test_images, test_labels = (a[: monitor.num_test] for a in data.load_split(spec, spec.test_split, config.data_dir))
+    backbone = make_backbone(config, axis_name=None)
+    features = functools.partial(extract_features, backbone, mean=spec.mean, std=spec.std)
+    logging.info("kNN monitor every %d steps: %d test images against %d training images of %s.",
+                 monitor.every_steps, len(test_labels), len(bank_labels), spec.tfds_name)
+
+    def accuracy(state: TrainState) -> float:
+        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+        return knn_accuracy(
+            features(variables, bank_images), bank_labels, features(variables, test_images),
+            test_labels, spec.num_classes, k=monitor.k, temperature=monitor.temperature,
+        )["top1"]
+
+    return accuracy
+
+
 class _Preemption:
     """Remembers a SIGTERM (a TPU preemption notice) until the loop can save and stop."""
 
@@ -344,6 +376,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         )
     )
     metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    monitor = knn_monitor(config, spec) if jax.process_index() == 0 else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
 
@@ -376,6 +409,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 metrics_log.write(step, record)
                 progress.update(step, record)
                 pending, window_start = [], time.perf_counter()
+            if monitor is not None and (step % config.knn_monitor.every_steps == 0 or last):
+                knn_top1 = monitor(unreplicate(replicated))
+                metrics_log.write(step, {"knn_top1": knn_top1})
+                logging.info("Step %d: kNN top-1 %.2f%%.", step, 100 * knn_top1)
             if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
                 save(step)
             if preemption.requested:

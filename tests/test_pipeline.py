@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from rr_jax import train
+from rr_jax import data, linear_probe, train
 from rr_jax.checkpoint import Checkpointer
 from conftest import mocked_tfds
 
@@ -40,16 +40,43 @@ def tiny(config, data_dir, **overrides):
     return config
 
 
+def numpy_knn_top1(bank, bank_labels, queries, query_labels, k, temperature, num_classes):
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    similarity = queries @ bank.T
+    correct = 0
+    for row, label in zip(similarity, query_labels):
+        nearest = np.argsort(-row)[:k]
+        votes = np.zeros(num_classes)
+        np.add.at(votes, bank_labels[nearest], np.exp(row[nearest] / temperature))
+        correct += votes.argmax() == label
+    return correct / len(query_labels)
+
+
 def test_cifar10_config_end_to_end(tmp_path, fast_compile):
-    config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=3, **{"checkpoint.every_steps": 2})
+    config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=3, **{
+        "checkpoint.every_steps": 2, "knn_monitor.every_steps": 2, "knn_monitor.num_train": 40,
+        "knn_monitor.num_test": 24, "knn_monitor.k": 5})
     assert config.model.backbone == "resnet32" and config.dataset == "cifar10"
     workdir = tmp_path / "run"
     with mocked_tfds(tmp_path / "tfds", 64):
         state = train.pretrain(config, str(workdir))
+        spec = data.get_dataset_spec("cifar10")
+        bank, bank_labels = (a[:40] for a in data.load_split(spec, "train", config.data_dir))
+        queries, query_labels = (a[:24] for a in data.load_split(spec, "test", config.data_dir))
     assert int(state.step) == 3
     assert Checkpointer(str(workdir)).all_steps() == [2, 3]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    knn = {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r}
+    records = [r for r in records if "knn_top1" not in r]
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert sorted(knn) == [2, 3]  # every 2 steps and at the end
+    for step in knn:  # the online monitor agrees with a NumPy kNN on the checkpointed backbone
+        backbone, variables, _, _ = linear_probe.load_backbone(str(workdir), step)
+        features = [np.asarray(backbone.apply(variables, linear_probe.normalize(x, spec.mean, spec.std), train=False))
+                    for x in (bank, queries)]
+        expected = numpy_knn_top1(features[0], bank_labels, features[1], query_labels, 5, 0.07, 10)
+        np.testing.assert_allclose(knn[step], expected)
     assert {"loss", "accuracy", "accuracy_positive", "accuracy_negative", "images_per_second"} <= set(records[0])
     assert records[0]["num_pairs"] == 2 * 1 * 2  # per device: K(K-1) * M_local
     assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == "resnet32"

@@ -159,6 +159,27 @@ def test_relational_loss_matches_numpy_head(loss):
     np.testing.assert_allclose(stats["norm"]["var"], 0.9 + 0.1 * var, rtol=1e-4)
 
 
+def test_dot_product_head_matches_numpy():
+    """The ablation head: logit = scale * <z_i, z_j> + bias, with gradients into scale."""
+    z = np.random.default_rng(5).normal(size=(3, 4, 5)).astype(np.float32)
+    variables = init_relation_head(jax.random.key(0), 5, head="dot")
+    assert jax.tree.map(np.shape, variables) == {"batch_stats": {}, "params": {"bias": (), "scale": ()}}
+    variables = {"batch_stats": {}, "params": {"scale": jnp.float32(0.7), "bias": jnp.float32(-0.3)}}
+    pairs, targets = reference_pairs(z, roll_sigmas(3, 4), "cat")
+    dots = np.sum(pairs[:, :5] * pairs[:, 5:], axis=1)
+
+    def loss(params):
+        return relational_loss(jnp.asarray(z), {"batch_stats": {}, "params": params}, None,
+                               negatives="roll", loss="bce")[0]
+
+    np.testing.assert_allclose(loss(variables["params"]), numpy_bce(0.7 * dots - 0.3, targets), rtol=1e-5)
+    # d/dscale of mean BCE = mean((sigmoid(logit) - target) * dot)
+    expected = np.mean((1 / (1 + np.exp(-(0.7 * dots - 0.3))) - targets) * dots)
+    np.testing.assert_allclose(jax.grad(loss)(variables["params"])["scale"], expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="'cosine'"):
+        init_relation_head(jax.random.key(0), 5, head="cosine")
+
+
 def test_eval_mode_uses_running_statistics():
     z = np.random.default_rng(5).normal(size=(2, 3, 4)).astype(np.float32)
     variables = init_relation_head(jax.random.key(1), 4, hidden_dim=8)
