@@ -358,6 +358,12 @@ def _prepared_builder(
     return tfds.builder(spec.tfds_name, data_dir=root)
 
 
+def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
+    """The names of the classes of `spec.label_key`, in label order (prepares the
+    dataset if needed, like `load_split`)."""
+    return list(_prepared_builder(spec, data_dir, True).info.features[spec.label_key].names)
+
+
 def load_split(
     spec: DatasetSpec, split: str, data_dir: str | None = None, *, download: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,137 @@
+"""kNN accuracy, image retrieval and t-SNE of a pretraining run's frozen backbone.
+
+    python -m rr_jax.evaluate_run --workdir=DIR [--step=N] [--knn_k=20] [--no_plots]
+
+Restores the backbone like the linear probe does (any device count), computes eval-mode
+features of the pretraining dataset's train and test splits once, and writes
+WORKDIR/evaluation_results.json (weighted kNN top-1/top-5 of the test images against the
+training images; retrieval precision@k of every test image against the training
+images), WORKDIR/retrieval.png (test queries with their top-k training neighbours) and
+WORKDIR/tsne.png (t-SNE of test features coloured by class).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from rr_jax import data
+from rr_jax.evaluate import (
+    knn_accuracy,
+    nearest_neighbours,
+    plot_retrieval,
+    plot_tsne,
+    precision_at_k,
+    tsne,
+)
+from rr_jax.linear_probe import extract_features, load_backbone
+
+RESULTS_FILE = "evaluation_results.json"
+
+
+def evaluate_run(
+    workdir: str,
+    *,
+    step: int | None = None,
+    data_dir: str | None = None,
+    knn_k: int = 20,
+    temperature: float = 0.07,
+    retrieval_k: int = 10,
+    num_queries: int = 8,
+    tsne_points: int = 2000,
+    plots: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluates the frozen backbone of `workdir`; writes the JSON (and PNGs) there.
+
+    Args:
+      workdir: a pretraining run's directory.
+      step: the checkpoint step; None: the latest.
+      data_dir: TFDS data directory; None: the pretraining config's.
+      knn_k, temperature: neighbours that vote and the vote temperature of the kNN
+        classifier (`rr_jax.evaluate.knn_scores`).
+      retrieval_k: neighbours retrieved per query for precision@k and the grid.
+      num_queries: rows of the retrieval grid (random test images, drawn with `seed`).
+      tsne_points: test images in the t-SNE plot (random, drawn with `seed`).
+      plots: write retrieval.png and tsne.png.
+
+    Returns:
+      The results written to WORKDIR/evaluation_results.json.
+    """
+    start_time = time.perf_counter()
+    backbone, variables, config, used_step = load_backbone(workdir, step)
+    spec = data.get_dataset_spec(config["dataset"])
+    data_dir = config.get("data_dir") if data_dir is None else data_dir
+    train_images, train_labels = data.load_split(spec, spec.train_split, data_dir)
+    test_images, test_labels = data.load_split(spec, spec.test_split, data_dir)
+    features = [
+        extract_features(backbone, variables, images, mean=spec.mean, std=spec.std)
+        for images in (train_images, test_images)
+    ]
+    knn = knn_accuracy(features[0], train_labels, features[1], test_labels, spec.num_classes,
+                       k=knn_k, temperature=temperature)
+    _, neighbours = nearest_neighbours(features[1], features[0], retrieval_k)
+    neighbours = np.asarray(neighbours)
+    results = {
+        "workdir": workdir,
+        "dataset": config["dataset"],
+        "step": used_step,
+        "knn_k": knn_k,
+        "knn_temperature": temperature,
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "retrieval_k": retrieval_k,
+        f"precision_at_{retrieval_k}": precision_at_k(train_labels[neighbours], test_labels),
+        "num_train": len(train_labels),
+        "num_test": len(test_labels),
+    }
+    if plots:
+        rng = np.random.default_rng(seed)
+        queries = rng.choice(len(test_labels), num_queries, replace=False)
+        plot_retrieval(
+            os.path.join(workdir, "retrieval.png"), test_images[queries],
+            train_images[neighbours[queries]], test_labels[queries], train_labels[neighbours[queries]],
+        )
+        points = rng.choice(len(test_labels), min(tsne_points, len(test_labels)), replace=False)
+        plot_tsne(
+            os.path.join(workdir, "tsne.png"), np.asarray(tsne(features[1][points])),
+            test_labels[points], data.class_names(spec, data_dir),
+        )
+    results["wall_time_s"] = time.perf_counter() - start_time
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=2)
+    logging.info("%s step %d: kNN top-1 %.2f%%, precision@%d %.2f%%.", workdir, used_step,
+                 100 * results["knn_top1"], retrieval_k, 100 * results[f"precision_at_{retrieval_k}"])
+    return results
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Pretraining run directory (holds checkpoints/).",
+                        required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory; default: the pretraining config's.")
+    flags.DEFINE_integer("knn_k", 20, "Neighbours that vote in the kNN classifier.")
+    flags.DEFINE_integer("retrieval_k", 10, "Neighbours retrieved per query.")
+    flags.DEFINE_integer("tsne_points", 2000, "Test images in the t-SNE plot.")
+    flags.DEFINE_bool("plots", True, "Write retrieval.png and tsne.png.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    results = evaluate_run(f.workdir, step=f.step, data_dir=f.data_dir, knn_k=f.knn_k,
+                           retrieval_k=f.retrieval_k, tsne_points=f.tsne_points, plots=f.plots)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
