@@ -99,8 +99,9 @@ def evaluate_run(
             train_images[neighbours[queries]], test_labels[queries], train_labels[neighbours[queries]],
         )
         points = rng.choice(len(test_labels), min(tsne_points, len(test_labels)), replace=False)
+        perplexity = min(30.0, (len(points) - 1) / 3.5)  # t-SNE needs N > 3 * perplexity
         plot_tsne(
-            os.path.join(workdir, "tsne.png"), np.asarray(tsne(features[1][points])),
+            os.path.join(workdir, "tsne.png"), np.asarray(tsne(features[1][points], perplexity=perplexity)),
             test_labels[points], data.class_names(spec, data_dir),
         )
     results["wall_time_s"] = time.perf_counter() - start_time

@@ -14,6 +14,7 @@ jax.config.update("jax_platforms", "cpu")
 import contextlib  # noqa: E402
 import os  # noqa: E402,F811
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
@@ -52,3 +53,17 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def numpy_knn_top1(bank, bank_labels, queries, query_labels, k, temperature, num_classes):
+    """Weighted kNN top-1 by loops: cosine similarity, the k nearest vote exp(sim / T)."""
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    similarity = queries @ bank.T
+    correct = 0
+    for row, label in zip(similarity, query_labels):
+        nearest = np.argsort(-row)[:k]
+        votes = np.zeros(num_classes)
+        np.add.at(votes, bank_labels[nearest], np.exp(row[nearest] / temperature))
+        correct += votes.argmax() == label
+    return correct / len(query_labels)

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from rr_jax import linear_probe, train
+from rr_jax import evaluate_run, linear_probe, train
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import restore_probe
 from rr_jax.config import base_config
 from rr_jax.data import get_dataset_spec
 from rr_jax.evaluate import topk_accuracy
-from conftest import mocked_tfds
+from conftest import mocked_tfds, numpy_knn_top1
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 64  # per mocked split
@@ -90,6 +90,24 @@ def test_probe_cli_restores_a_pmapped_checkpoint_on_one_device(pretrained):
     assert results["top1"] == pytest.approx(topk_accuracy(logits, test_y, 1))
     assert results["top5"] == pytest.approx(topk_accuracy(logits, test_y, 5))
     assert results["top5"] >= results["top1"]
+
+
+def test_evaluate_run_writes_knn_retrieval_and_pictures(pretrained):
+    workdir, data_dir, variables = pretrained
+    with mocked_tfds(data_dir, NUM_EXAMPLES):
+        results = evaluate_run.evaluate_run(str(workdir), knn_k=5, num_queries=3, tsne_points=40)
+        train_x, train_y = _split(data_dir, "cifar10", "train", "label")
+        test_x, test_y = _split(data_dir, "cifar10", "test", "label")
+    assert results == json.loads((workdir / evaluate_run.RESULTS_FILE).read_text())
+    stats = dict(mean=CIFAR10.mean, std=CIFAR10.std)
+    bank, queries = (linear_probe.extract_features(create_backbone("conv4"), variables, x, **stats)
+                     for x in (train_x, test_x))
+    assert results["knn_top1"] == pytest.approx(numpy_knn_top1(bank, train_y, queries, test_y, 5, 0.07, 10))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    nearest = np.argsort(-unit(queries) @ unit(bank).T, axis=1)[:, :10]
+    assert results["precision_at_10"] == pytest.approx(np.mean(train_y[nearest] == test_y[:, None]))
+    for picture in ("retrieval.png", "tsne.png"):
+        assert (workdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_coarse_labels_of_a_few_label_subset(pretrained, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 
 from rr_jax import data, linear_probe, train
 from rr_jax.checkpoint import Checkpointer
-from conftest import mocked_tfds
+from conftest import mocked_tfds, numpy_knn_top1
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,19 +38,6 @@ def tiny(config, data_dir, **overrides):
             target = target[part]
         target[last] = value
     return config
-
-
-def numpy_knn_top1(bank, bank_labels, queries, query_labels, k, temperature, num_classes):
-    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
-    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    similarity = queries @ bank.T
-    correct = 0
-    for row, label in zip(similarity, query_labels):
-        nearest = np.argsort(-row)[:k]
-        votes = np.zeros(num_classes)
-        np.add.at(votes, bank_labels[nearest], np.exp(row[nearest] / temperature))
-        correct += votes.argmax() == label
-    return correct / len(query_labels)
 
 
 def test_cifar10_config_end_to_end(tmp_path, fast_compile):
