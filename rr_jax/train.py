@@ -303,8 +303,12 @@ def knn_monitor(
     monitor = config.knn_monitor
     if not monitor.every_steps:
         return None
-    bank_images, bank_labels = (a[: monitor.num_train] for a in data.load_split(spec, spec.train_split, config.data_dir))
-    test_images, test_labels = (a[: monitor.num_test] for a in data.load_split(spec, spec.test_split, config.data_dir))
+    bank_images, bank_labels = (
+        a[: monitor.num_train] for a in data.load_split(spec, spec.train_split, config.data_dir)
+    )
+    test_images, test_labels = (
+        a[: monitor.num_test] for a in data.load_split(spec, spec.test_split, config.data_dir)
+    )
     backbone = make_backbone(config, axis_name=None)
     features = functools.partial(extract_features, backbone, mean=spec.mean, std=spec.std)
     logging.info("kNN monitor every %d steps: %d test images against %d training images of %s.",
@@ -429,12 +433,14 @@ def _log_run(config, workdir, state, spec, steps_per_epoch, total_steps) -> None
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, sort_keys=True)
     num_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
-    k = config.relational.num_views
-    pairs = k * (k - 1) * config.batch_size
+    k = objective_options(config).num_views
+    objective = config.method + (
+        f" ({k * (k - 1) * config.batch_size} pairs per step)" if config.method == "relational" else ""
+    )
     logging.info(
         "%d process(es), %d device(s) (%d local, %s); backbone %s with %d parameters; "
-        "%s %s, %d steps/epoch, %d steps; K=%d, M=%d: %d pairs per step.",
+        "%s %s, %d steps/epoch, %d steps; K=%d views of M=%d images; %s.",
         jax.process_count(), jax.device_count(), jax.local_device_count(),
         jax.devices()[0].platform, config.model.backbone, num_params, config.dataset,
-        spec.image_shape, steps_per_epoch, total_steps, k, config.batch_size, pairs,
+        spec.image_shape, steps_per_epoch, total_steps, k, config.batch_size, objective,
     )
