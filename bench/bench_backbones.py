@@ -5,7 +5,8 @@ times value_and_grad of the sum of the features (train mode, BatchNorm statistic
 updated) for Conv4 and ResNet-32 in JAX (jitted) and in PyTorch's CPU build, then splits
 the ResNet-32 step to show where the time goes: forward alone, backward without kernel
 gradients, BatchNorm without batch statistics, bfloat16; single convolutions (forward,
-input gradient, kernel gradient) and BatchNorm; XLA:CPU compiler options. Every JAX/PyTorch
+input gradient, kernel gradient) and BatchNorm; the kernel gradient rewritten as
+matmuls; XLA:CPU compiler options. Every JAX/PyTorch
 pair is timed interleaved (A, B, A, B, ...) and the ratio is the median of the per-round
 ratios, so that load from other processes hits both sides alike.
 
@@ -260,6 +261,44 @@ def conv_ops(views: int, repeats: int) -> None:
         pair_row(table, f"BatchNorm fwd+bwd 32x32x16, {variance}", run, torch_bn, repeats, compile_s)
 
 
+def kernel_gradient_rewrites(views: int, repeats: int) -> None:
+    """XLA's kernel-gradient convolution against the same gradient written as matmuls:
+    one dot per kernel tap (slice of the padded input, transposed, times the output
+    gradient) and one im2col dot. Checks they agree, then times the three interleaved."""
+    table = Table(f"Kernel gradient rewrites, batch {views}", ("conv", "XLA conv ms", "per-tap dots ms", "im2col dot ms"))
+    rng = np.random.default_rng(3)
+    for size, cin, cout, k, s in ((32, 16, 16, 3, 1), (8, 64, 64, 3, 1), (32, 16, 32, 3, 2), (32, 16, 32, 1, 2)):
+        p = k // 2
+        x, w, g = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+                   ((views, size, size, cin), (k, k, cin, cout), (views, size // s, size // s, cout)))
+
+        def taps(x, g):
+            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            limit = lambda i, n: i + (n - 1) * s + 1  # noqa: E731
+            return [lax.slice(padded, (0, i, j, 0), (views, limit(i, g.shape[1]), limit(j, g.shape[2]), cin), (1, s, s, 1))
+                    for i in range(k) for j in range(k)]
+
+        def xla(x, w, g):
+            conv = lambda w: lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+            return jax.vjp(conv, w)[1](g)[0]
+
+        def per_tap(x, w, g):
+            flat = g.reshape(-1, cout)
+            return jnp.stack([t.reshape(-1, cin).T @ flat for t in taps(x, g)]).reshape(w.shape)
+
+        def im2col(x, w, g):
+            patches = jnp.concatenate(taps(x, g), axis=-1).reshape(-1, k * k * cin)
+            return (patches.T @ g.reshape(-1, cout)).reshape(w.shape)
+
+        runs = {}
+        for name, fn in (("xla", xla), ("taps", per_tap), ("im2col", im2col)):
+            run, _ = compiled(fn, x, w, g)
+            runs[name] = run
+            np.testing.assert_allclose(jax.jit(fn)(x, w, g), jax.jit(xla)(x, w, g), rtol=1e-3, atol=1e-2)
+        medians, _ = interleaved(runs, repeats)
+        table.row(f"{k}x{k}/{s} {cin}->{cout} on {size}x{size}", medians["xla"], medians["taps"], medians["im2col"])
+
+
 def xla_options(views: int, repeats: int) -> None:
     table = Table(f"XLA:CPU compiler options, JAX ResNet-32 fwd+bwd, {views} views", ("options", "ms", "vs default"))
     xj, _ = images(views)
@@ -306,6 +345,7 @@ def main() -> None:
     augmentation(args.views, args.repeats, jax_ms["conv4"])
     breakdown(args.breakdown_views, args.repeats)
     conv_ops(args.breakdown_views, args.repeats)
+    kernel_gradient_rewrites(args.breakdown_views, args.repeats)
     xla_options(args.breakdown_views, args.repeats)
 
 
