@@ -55,7 +55,9 @@ class Run:
 
     @property
     def num_views(self) -> int:
-        return dict(self.overrides).get("relational.num_views", MAIN_VIEWS)
+        """Augmented views per image in a step (0: 'random' takes no step)."""
+        fixed = {"simclr": 2, "supervised": 1, "random": 0}
+        return fixed.get(self.method, dict(self.overrides).get("relational.num_views", MAIN_VIEWS))
 
 
 def study_runs() -> list[Run]:
