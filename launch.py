@@ -8,8 +8,12 @@ Multi-host (TPU pods, GPU clusters): add --distributed (or give --coordinator_ad
 --num_processes and --process_id) on every host.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from rr_jax.xla_flags import with_cpu_defaults
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -23,6 +27,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    os.environ["XLA_FLAGS"] = with_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
+    logging.info("XLA_FLAGS=%r (CPU defaults in rr_jax/xla_flags.py).", os.environ["XLA_FLAGS"])
     import jax
 
     if FLAGS.distributed or FLAGS.num_processes:

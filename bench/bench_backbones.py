@@ -6,7 +6,7 @@ updated) for Conv4 and ResNet-32 in JAX (jitted) and in PyTorch's CPU build, the
 the ResNet-32 step to show where the time goes: forward alone, backward without kernel
 gradients, BatchNorm without batch statistics, bfloat16; single convolutions (forward,
 input gradient, kernel gradient) and BatchNorm; the kernel gradient rewritten as
-matmuls; XLA:CPU compiler options. Every JAX/PyTorch
+matmuls; XLA:CPU compiler options, YNNPACK fusions on and off. Every JAX/PyTorch
 pair is timed interleaved (A, B, A, B, ...) and the ratio is the median of the per-round
 ratios, so that load from other processes hits both sides alike.
 
@@ -36,6 +36,10 @@ from jax import lax
 from rr_jax.backbones import create_backbone
 
 torch.set_num_threads(os.cpu_count())  # XLA:CPU also uses every core
+
+# XLA:CPU (jaxlib 0.10) hands convolutions, reductions and elementwise ops to YNNPACK
+# fusions by default; an empty fusion-type list turns them off (see BENCHMARKS.md).
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # ----------------------------------------------------------------- PyTorch models
 
@@ -191,6 +195,8 @@ def models(views: int, repeats: int) -> dict[str, float]:
     for name in TORCH_MODELS:
         run, compile_s = jax_step(name, xj)
         jax_ms[name] = pair_row(table, name, run, torch_step(name, xt), repeats, compile_s)
+        run, compile_s = jax_step(name, xj, options=NO_YNN)
+        pair_row(table, f"{name}, YNNPACK fusions off", run, torch_step(name, xt), repeats, compile_s)
     return jax_ms
 
 
@@ -202,6 +208,7 @@ def breakdown(views: int, repeats: int) -> None:
         ("fwd+bwd, no kernel gradients", dict(kernel_grads=False), dict(kernel_grads=False)),
         ("fwd+bwd, BN with running stats", dict(train=False), dict(train=False)),
         ("fwd+bwd (full step)", {}, {}),
+        ("fwd+bwd, YNNPACK fusions off", dict(options=NO_YNN), {}),
         ("fwd+bwd, PyTorch channels_last", {}, dict(channels_last=True)),
         ("fwd+bwd, bfloat16 compute", dict(dtype=jnp.bfloat16), dict(bf16=True)),
     ]
@@ -264,8 +271,10 @@ def conv_ops(views: int, repeats: int) -> None:
 def kernel_gradient_rewrites(views: int, repeats: int) -> None:
     """XLA's kernel-gradient convolution against the same gradient written as matmuls:
     one dot per kernel tap (slice of the padded input, transposed, times the output
-    gradient) and one im2col dot. Checks they agree, then times the three interleaved."""
-    table = Table(f"Kernel gradient rewrites, batch {views}", ("conv", "XLA conv ms", "per-tap dots ms", "im2col dot ms"))
+    gradient) and one im2col dot; and XLA's convolution with YNNPACK fusions off. Checks
+    they agree, then times them interleaved."""
+    columns = ("conv", "XLA conv ms", "XLA conv, YNNPACK off ms", "per-tap dots ms", "im2col dot ms")
+    table = Table(f"Kernel gradient rewrites, batch {views}", columns)
     rng = np.random.default_rng(3)
     for size, cin, cout, k, s in ((32, 16, 16, 3, 1), (8, 64, 64, 3, 1), (32, 16, 32, 3, 2), (32, 16, 32, 1, 2)):
         p = k // 2
@@ -290,13 +299,14 @@ def kernel_gradient_rewrites(views: int, repeats: int) -> None:
             patches = jnp.concatenate(taps(x, g), axis=-1).reshape(-1, k * k * cin)
             return (patches.T @ g.reshape(-1, cout)).reshape(w.shape)
 
+        variants = {"xla": (xla, {}), "xla_no_ynn": (xla, NO_YNN), "taps": (per_tap, {}), "im2col": (im2col, {})}
+        reference = jax.jit(xla)(x, w, g)
         runs = {}
-        for name, fn in (("xla", xla), ("taps", per_tap), ("im2col", im2col)):
-            run, _ = compiled(fn, x, w, g)
-            runs[name] = run
-            np.testing.assert_allclose(jax.jit(fn)(x, w, g), jax.jit(xla)(x, w, g), rtol=1e-3, atol=1e-2)
+        for name, (fn, options) in variants.items():
+            runs[name], _ = compiled(fn, x, w, g, options=options)
+            np.testing.assert_allclose(runs[name](), reference, rtol=1e-3, atol=1e-2)
         medians, _ = interleaved(runs, repeats)
-        table.row(f"{k}x{k}/{s} {cin}->{cout} on {size}x{size}", medians["xla"], medians["taps"], medians["im2col"])
+        table.row(f"{k}x{k}/{s} {cin}->{cout} on {size}x{size}", *(medians[name] for name in variants))
 
 
 def xla_options(views: int, repeats: int) -> None:
@@ -304,6 +314,7 @@ def xla_options(views: int, repeats: int) -> None:
     xj, _ = images(views)
     variants = {
         "default": {},
+        "xla_cpu_experimental_ynn_fusion_type='' (YNNPACK fusions off)": NO_YNN,
         "xla_cpu_use_onednn + onednn_custom_call": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
         "xla_cpu_use_xnnpack": {"xla_cpu_use_xnnpack": True},
         "xla_cpu_multi_thread_eigen=false": {"xla_cpu_multi_thread_eigen": False},
