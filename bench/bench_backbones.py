@@ -14,13 +14,19 @@ PyTorch is a benchmark-only dependency (`pip install torch`); the PyTorch models
 written here to mirror rr_jax.backbones (same layers, NCHW).
 
   python bench/bench_backbones.py [--repeats 3] [--views 2048] [--breakdown-views 256]
+  python bench/bench_backbones.py --profile /tmp/trace   # only the profile table
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
+import json
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -325,6 +331,32 @@ def xla_options(views: int, repeats: int) -> None:
         table.row(name, medians[name], f"{ratios[name]:.2f}")
 
 
+def profile(views: int, trace_dir: str) -> None:
+    """Profiles one ResNet-32 step with YNNPACK fusions off and sums the time of XLA's
+    kernels by kind (the HLO name without its numeric suffix)."""
+    xj, _ = images(views)
+    run, _ = jax_step("resnet32", xj, options=NO_YNN)
+    run()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    run()
+    step_ms = 1e3 * (time.perf_counter() - start)
+    jax.profiler.stop_trace()
+    trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    totals, counts = collections.Counter(), collections.Counter()
+    for event in events:  # XLA kernels are named after HLO instructions: lower_case-name.N
+        match = re.fullmatch(r"([a-z][a-z0-9_-]*)(\.\d+)*", event.get("name", ""))
+        if event.get("ph") == "X" and match:
+            totals[match[1]] += event["dur"] / 1e3
+            counts[match[1]] += 1
+    table = Table(f"Profile of one ResNet-32 step, {views} views, YNNPACK fusions off ({step_ms:.0f} ms)",
+                  ("XLA kernel kind", "count", "ms", "share of step"))
+    for kind, ms in totals.most_common(8):
+        table.row(kind, counts[kind], ms, f"{100 * ms / step_ms:.0f} %")
+
+
 def augmentation(views: int, repeats: int, conv4_ms: float) -> None:
     try:
         from rr_jax.augment import AugmentConfig, augment_views
@@ -346,7 +378,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per row (after one warm-up)")
     parser.add_argument("--views", type=int, default=2048, help="views per step for the model table (K*B)")
     parser.add_argument("--breakdown-views", type=int, default=256, help="batch for the breakdown tables")
+    parser.add_argument("--profile", metavar="DIR", help="only profile a ResNet-32 step, trace into DIR")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args.breakdown_views, args.profile)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
@@ -355,8 +390,8 @@ def main() -> None:
     jax_ms = models(args.views, args.repeats)
     augmentation(args.views, args.repeats, jax_ms["conv4"])
     breakdown(args.breakdown_views, args.repeats)
-    conv_ops(args.breakdown_views, args.repeats)
-    kernel_gradient_rewrites(args.breakdown_views, args.repeats)
+    conv_ops(args.breakdown_views, 5 * args.repeats)  # single ops are fast and noisier
+    kernel_gradient_rewrites(args.breakdown_views, 5 * args.repeats)
     xla_options(args.breakdown_views, args.repeats)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rr_jax.backbones import BACKBONES, ResNet, create_backbone
+from rr_jax.backbones import BACKBONES, ResNet, _materialized, create_backbone
 
 EPS = 1e-5
 MOMENTUM = 0.1  # PyTorch convention: new = (1 - MOMENTUM) * old + MOMENTUM * batch
@@ -262,6 +262,26 @@ def test_pmap_batch_norm_equals_single_device_on_whole_batch():
         chex.assert_trees_all_close(
             jax.tree.map(lambda a: a[d], updates["batch_stats"]), ref_stats, rtol=1e-5, atol=1e-6
         )
+
+
+def test_materialized_is_the_identity_and_its_gradient_too():
+    x = _images(10, (4, 5, 5, 3)) - 0.5
+    cotangent = _images(11, x.shape)
+    value, vjp = jax.vjp(_materialized, x)
+    np.testing.assert_array_equal(value, x)
+    np.testing.assert_array_equal(vjp(cotangent)[0], cotangent)
+
+
+def test_materialized_stays_a_reduction_that_xla_cpu_does_not_fuse_away():
+    """The ResNet speed-up on CPU rests on XLA keeping the barrier as a reduction whose
+    output is a buffer: if a future XLA simplifies it away, this fails (and
+    BENCHMARKS.md's ResNet figures need re-measuring)."""
+    x = _images(12, (4, 6, 6, 8))
+    jax.config.update("jax_disable_most_optimizations", False)  # the fixture restores it
+    compiled = jax.jit(lambda x: _materialized(2.0 * x) + 1.0).lower(x).compile()
+    hlo = compiled.as_text()
+    assert " reduce(" in hlo, hlo
+    np.testing.assert_allclose(compiled(x), 2.0 * x + 1.0, rtol=1e-6)
 
 
 def test_invalid_inputs_raise():
