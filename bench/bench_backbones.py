@@ -4,7 +4,8 @@ The paper's step runs the backbone on K*B = 32*64 = 2048 views of 32x32x3. This 
 times value_and_grad of the sum of the features (train mode, BatchNorm statistics
 updated) for Conv4 and ResNet-32 in JAX (jitted) and in PyTorch's CPU build, then splits
 the ResNet-32 step to show where the time goes: forward alone, backward without kernel
-gradients, BatchNorm without batch statistics, bfloat16; single convolutions (forward,
+gradients, BatchNorm without batch statistics, bfloat16, without the blocks' CPU
+fusion barrier (rr_jax.backbones._materialized); single convolutions (forward,
 input gradient, kernel gradient) and BatchNorm; the kernel gradient rewritten as
 matmuls; XLA:CPU compiler options, YNNPACK fusions on and off. Every JAX/PyTorch
 pair is timed interleaved (A, B, A, B, ...) and the ratio is the median of the per-round
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import glob
 import gzip
@@ -30,6 +32,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from jax import lax
 
+from rr_jax import backbones
 from rr_jax.backbones import create_backbone
 
 torch.set_num_threads(os.cpu_count())  # XLA:CPU also uses every core
@@ -147,8 +151,10 @@ def pair_row(table: Table, label: str, jax_run, torch_run, repeats: int, compile
 # ----------------------------------------------------------------- steps
 
 
-def jax_step(name, x, *, train=True, kernel_grads=True, forward_only=False, dtype=jnp.float32, options=None):
-    """Jitted value_and_grad of sum(features) w.r.t. the parameters (kernels optional)."""
+def jax_step(name, x, *, train=True, kernel_grads=True, forward_only=False, dtype=jnp.float32, options=None,
+             fusion_barrier=True):
+    """Jitted value_and_grad of sum(features) w.r.t. the parameters (kernels optional);
+    fusion_barrier=False traces the ResNet blocks without their CPU fusion barrier."""
     model = create_backbone(name, dtype=dtype)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:2])
 
@@ -163,7 +169,9 @@ def jax_step(name, x, *, train=True, kernel_grads=True, forward_only=False, dtyp
         return features.sum(), updates
 
     fn = loss if forward_only else jax.value_and_grad(loss, has_aux=True)
-    return compiled(fn, variables["params"], variables["batch_stats"], x, options=options)
+    no_barrier = mock.patch.object(backbones, "_materialized", lambda x: x)
+    with contextlib.nullcontext() if fusion_barrier else no_barrier:
+        return compiled(fn, variables["params"], variables["batch_stats"], x, options=options)
 
 
 def torch_step(name, x, *, train=True, kernel_grads=True, forward_only=False, bf16=False, channels_last=False):
@@ -203,6 +211,10 @@ def models(views: int, repeats: int) -> dict[str, float]:
         jax_ms[name] = pair_row(table, name, run, torch_step(name, xt), repeats, compile_s)
         run, compile_s = jax_step(name, xj, options=NO_YNN)
         pair_row(table, f"{name}, YNNPACK fusions off", run, torch_step(name, xt), repeats, compile_s)
+        if name.startswith("resnet"):
+            run, compile_s = jax_step(name, xj, options=NO_YNN, fusion_barrier=False)
+            label = f"{name}, YNNPACK fusions off, no block fusion barrier"
+            pair_row(table, label, run, torch_step(name, xt), repeats, compile_s)
     return jax_ms
 
 
@@ -215,6 +227,8 @@ def breakdown(views: int, repeats: int) -> None:
         ("fwd+bwd, BN with running stats", dict(train=False), dict(train=False)),
         ("fwd+bwd (full step)", {}, {}),
         ("fwd+bwd, YNNPACK fusions off", dict(options=NO_YNN), {}),
+        ("fwd+bwd, YNNPACK off, no block fusion barrier", dict(options=NO_YNN, fusion_barrier=False), {}),
+        ("fwd+bwd, no block fusion barrier (XLA defaults)", dict(fusion_barrier=False), {}),
         ("fwd+bwd, PyTorch channels_last", {}, dict(channels_last=True)),
         ("fwd+bwd, bfloat16 compute", dict(dtype=jnp.bfloat16), dict(bf16=True)),
     ]
