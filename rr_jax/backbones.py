@@ -16,6 +16,8 @@ fan-out (``kaiming_normal_(mode='fan_out', nonlinearity='relu')``), BatchNorm sc
 and bias 0, momentum 0.1 in PyTorch's convention (0.9 in Flax's), epsilon 1e-5. One
 difference remains: the running variance averages the biased batch variance, PyTorch's
 the unbiased one (a factor n / (n - 1) with n = N*H*W, in the thousands here).
+BatchNorm is ``rr_jax.batch_norm.BatchNorm`` (Flax's variables and statistics, a
+cheaper backward pass on CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from rr_jax.batch_norm import BatchNorm
 
 Dtype = Any
 
@@ -45,7 +49,7 @@ def _check_images(x: jax.Array) -> None:
 
 def _layer_factories(
     train: bool, axis_name: str | None, dtype: Dtype
-) -> tuple[Callable[..., nn.Conv], Callable[..., nn.BatchNorm]]:
+) -> tuple[Callable[..., nn.Conv], Callable[..., BatchNorm]]:
     """Convolution and BatchNorm constructors with the options every backbone shares.
 
     ``conv(features, kernel, stride=1, name=...)`` pads symmetrically by kernel // 2 as
@@ -66,7 +70,7 @@ def _layer_factories(
         )
 
     norm = functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
