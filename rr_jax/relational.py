@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rr_jax.batch_norm import BatchNorm
 from rr_jax.shuffle import derangements
 
 AGGREGATIONS = ("cat", "sum", "mean", "max")
@@ -244,7 +245,7 @@ class RelationHead(nn.Module):
     def setup(self):
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         self.hidden = PairDense(self.hidden_dim, self.embedding_dim, self.aggregation)
-        self.norm = nn.BatchNorm(
+        self.norm = BatchNorm(
             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis_name=self.axis_name
         )
         self.output = nn.Dense(
