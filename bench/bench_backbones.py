@@ -5,8 +5,9 @@ times value_and_grad of the sum of the features (train mode, BatchNorm statistic
 updated) for Conv4 and ResNet-32 in JAX (jitted) and in PyTorch's CPU build, then splits
 the ResNet-32 step to show where the time goes: forward alone, backward without kernel
 gradients, BatchNorm without batch statistics, bfloat16, without the blocks' CPU
-fusion barrier (rr_jax.backbones._materialized); single convolutions (forward,
-input gradient, kernel gradient) and BatchNorm; the kernel gradient rewritten as
+fusion barrier (rr_jax.backbones._materialized), with Flax's BatchNorm instead of
+rr_jax.batch_norm's; single convolutions (forward, input gradient, kernel gradient)
+and BatchNorm; the kernel gradient rewritten as
 matmuls; XLA:CPU compiler options, YNNPACK fusions on and off. Every JAX/PyTorch
 pair is timed interleaved (A, B, A, B, ...) and the ratio is the median of the per-round
 ratios, so that load from other processes hits both sides alike.
@@ -44,6 +45,7 @@ from jax import lax
 
 from rr_jax import backbones
 from rr_jax.backbones import create_backbone
+from rr_jax.batch_norm import BatchNorm
 
 torch.set_num_threads(os.cpu_count())  # XLA:CPU also uses every core
 
@@ -152,9 +154,10 @@ def pair_row(table: Table, label: str, jax_run, torch_run, repeats: int, compile
 
 
 def jax_step(name, x, *, train=True, kernel_grads=True, forward_only=False, dtype=jnp.float32, options=None,
-             fusion_barrier=True):
+             fusion_barrier=True, flax_batch_norm=False):
     """Jitted value_and_grad of sum(features) w.r.t. the parameters (kernels optional);
-    fusion_barrier=False traces the ResNet blocks without their CPU fusion barrier."""
+    fusion_barrier=False traces the ResNet blocks without their CPU fusion barrier,
+    flax_batch_norm=True with flax.linen.BatchNorm instead of rr_jax.batch_norm's."""
     model = create_backbone(name, dtype=dtype)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:2])
 
@@ -169,8 +172,11 @@ def jax_step(name, x, *, train=True, kernel_grads=True, forward_only=False, dtyp
         return features.sum(), updates
 
     fn = loss if forward_only else jax.value_and_grad(loss, has_aux=True)
-    no_barrier = mock.patch.object(backbones, "_materialized", lambda x: x)
-    with contextlib.nullcontext() if fusion_barrier else no_barrier:
+    with contextlib.ExitStack() as patches:
+        if not fusion_barrier:
+            patches.enter_context(mock.patch.object(backbones, "_materialized", lambda x: x))
+        if flax_batch_norm:
+            patches.enter_context(mock.patch.object(backbones, "BatchNorm", nn.BatchNorm))
         return compiled(fn, variables["params"], variables["batch_stats"], x, options=options)
 
 
@@ -206,15 +212,20 @@ def models(views: int, repeats: int) -> dict[str, float]:
     table = Table(f"Forward+backward, {views} views of 32x32x3", COLUMNS)
     xj, xt = images(views)
     jax_ms = {}
+    variants = [
+        ("before: XLA defaults, Flax BatchNorm, no block fusion barrier", dict(flax_batch_norm=True, fusion_barrier=False)),
+        ("XLA defaults (rr_jax imported as a library)", {}),
+        ("YNNPACK fusions off (launch.py)", dict(options=NO_YNN)),
+        ("YNNPACK off, Flax BatchNorm", dict(options=NO_YNN, flax_batch_norm=True)),
+        ("YNNPACK off, no block fusion barrier", dict(options=NO_YNN, fusion_barrier=False)),
+    ]
     for name in TORCH_MODELS:
-        run, compile_s = jax_step(name, xj)
-        jax_ms[name] = pair_row(table, name, run, torch_step(name, xt), repeats, compile_s)
-        run, compile_s = jax_step(name, xj, options=NO_YNN)
-        pair_row(table, f"{name}, YNNPACK fusions off", run, torch_step(name, xt), repeats, compile_s)
-        if name.startswith("resnet"):
-            run, compile_s = jax_step(name, xj, options=NO_YNN, fusion_barrier=False)
-            label = f"{name}, YNNPACK fusions off, no block fusion barrier"
-            pair_row(table, label, run, torch_step(name, xt), repeats, compile_s)
+        for variant, options in variants:
+            if "barrier" in variant and not name.startswith("resnet"):
+                continue  # Conv4 has no residual blocks
+            run, compile_s = jax_step(name, xj, **options)
+            ms = pair_row(table, f"{name}, {variant}", run, torch_step(name, xt), repeats, compile_s)
+            jax_ms.setdefault(name, ms)
     return jax_ms
 
 
@@ -228,6 +239,7 @@ def breakdown(views: int, repeats: int) -> None:
         ("fwd+bwd (full step)", {}, {}),
         ("fwd+bwd, YNNPACK fusions off", dict(options=NO_YNN), {}),
         ("fwd+bwd, YNNPACK off, no block fusion barrier", dict(options=NO_YNN, fusion_barrier=False), {}),
+        ("fwd+bwd, YNNPACK off, Flax BatchNorm", dict(options=NO_YNN, flax_batch_norm=True), {}),
         ("fwd+bwd, no block fusion barrier (XLA defaults)", dict(fusion_barrier=False), {}),
         ("fwd+bwd, PyTorch channels_last", {}, dict(channels_last=True)),
         ("fwd+bwd, bfloat16 compute", dict(dtype=jnp.bfloat16), dict(bf16=True)),
@@ -273,8 +285,14 @@ def conv_ops(views: int, repeats: int) -> None:
     def torch_bn():
         return torch.autograd.grad(bn(xt), [xt, *bn.parameters()], gt)
 
-    for fast in (True, False):
-        module = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=fast)
+    modules = {
+        "rr_jax BatchNorm": BatchNorm(use_running_average=False, momentum=0.9),
+        "Flax, E[x^2]-E[x]^2 (one pass)": nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5),
+        "Flax, E[(x-mean)^2] (two passes)": nn.BatchNorm(
+            use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False
+        ),
+    }
+    for variant, module in modules.items():
         variables = module.init(jax.random.key(0), x[:2])
 
         def bn_grad(params, x, g):
@@ -284,8 +302,7 @@ def conv_ops(views: int, repeats: int) -> None:
             return jax.vjp(f, params, x)[1](g)
 
         run, compile_s = compiled(bn_grad, variables["params"], jnp.asarray(x), jnp.asarray(g))
-        variance = "E[x^2]-E[x]^2 (one pass)" if fast else "E[(x-mean)^2] (two passes)"
-        pair_row(table, f"BatchNorm fwd+bwd 32x32x16, {variance}", run, torch_bn, repeats, compile_s)
+        pair_row(table, f"BatchNorm fwd+bwd 32x32x16, {variant}", run, torch_bn, repeats, compile_s)
 
 
 def kernel_gradient_rewrites(views: int, repeats: int) -> None:
