@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from jax import lax
 
 from rr_jax import backbones
+from rr_jax.augment import AugmentConfig, augment_views
 from rr_jax.backbones import create_backbone
 from rr_jax.batch_norm import BatchNorm
 
@@ -209,9 +210,10 @@ COLUMNS = ("case", "JAX ms", "PyTorch ms", "JAX / PyTorch", "JAX compile s")
 
 
 def models(views: int, repeats: int) -> dict[str, float]:
+    """The model table; returns Conv4's JAX ms with XLA's defaults and with YNNPACK off."""
     table = Table(f"Forward+backward, {views} views of 32x32x3", COLUMNS)
     xj, xt = images(views)
-    jax_ms = {}
+    conv4_ms = {}
     variants = [
         ("before: XLA defaults, Flax BatchNorm, no block fusion barrier", dict(flax_batch_norm=True, fusion_barrier=False)),
         ("XLA defaults (rr_jax imported as a library)", {}),
@@ -225,8 +227,9 @@ def models(views: int, repeats: int) -> dict[str, float]:
                 continue  # Conv4 has no residual blocks: the barrier changes nothing
             run, compile_s = jax_step(name, xj, **options)
             ms = pair_row(table, f"{name}, {variant}", run, torch_step(name, xt), repeats, compile_s)
-            jax_ms.setdefault(name, ms)
-    return jax_ms
+            if name == "conv4" and set(options) <= {"options"}:
+                conv4_ms[options.get("options") is NO_YNN] = ms
+    return conv4_ms
 
 
 def breakdown(views: int, repeats: int) -> None:
@@ -389,20 +392,23 @@ def profile(views: int, trace_dir: str) -> None:
         table.row(kind, counts[kind], ms, f"{100 * ms / step_ms:.0f} %")
 
 
-def augmentation(views: int, repeats: int, conv4_ms: float) -> None:
-    try:
-        from rr_jax.augment import AugmentConfig, augment_views
-    except ImportError as error:
-        print(f"\naugment_views not timed: {error}")
-        return
+def augmentation(views: int, repeats: int, conv4_ms: dict[bool, float]) -> None:
+    """augment_views on the model table's views, with XLA's defaults and with YNNPACK
+    fusions off, each against Conv4's forward + backward under the same flags
+    (``conv4_ms[ynn_off]``)."""
     batch = 64
     num_views = views // batch
     images_u8 = jnp.asarray(np.random.default_rng(2).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
     config = AugmentConfig(mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262))
-    run, compile_s = compiled(lambda key: augment_views(key, images_u8, num_views, config), jax.random.key(0))
-    ms = interleaved({"augment": run}, repeats)[0]["augment"]
-    table = Table(f"augment_views, {num_views} views of {batch} images", ("case", "JAX ms", "share of Conv4 fwd+bwd", "JAX compile s"))
-    table.row("augment_views", ms, f"{100 * ms / conv4_ms:.0f} % (goal <= 25 %)", f"{compile_s:.1f}")
+    columns = ("XLA flags", "JAX ms", "share of Conv4 fwd+bwd", "JAX compile s")
+    table = Table(f"augment_views, {num_views} views of {batch} images", columns)
+    for ynn_off, flags in ((False, "defaults"), (True, "YNNPACK fusions off (launch.py)")):
+        run, compile_s = compiled(
+            lambda key: augment_views(key, images_u8, num_views, config), jax.random.key(0),
+            options=NO_YNN if ynn_off else None,
+        )
+        ms = interleaved({"augment": run}, repeats)[0]["augment"]
+        table.row(flags, ms, f"{100 * ms / conv4_ms[ynn_off]:.0f} % (goal <= 25 %)", f"{compile_s:.1f}")
 
 
 def main() -> None:
@@ -419,8 +425,8 @@ def main() -> None:
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
-    jax_ms = models(args.views, args.repeats)
-    augmentation(args.views, args.repeats, jax_ms["conv4"])
+    conv4_ms = models(args.views, args.repeats)
+    augmentation(args.views, args.repeats, conv4_ms)
     breakdown(args.breakdown_views, args.repeats)
     conv_ops(args.breakdown_views, 5 * args.repeats)  # single ops are fast and noisier
     kernel_gradient_rewrites(args.breakdown_views, 5 * args.repeats)
