@@ -9,13 +9,16 @@ from collections.abc import Callable
 import jax
 
 
-def compile_and_time(fn: Callable, *args, repeats: int = 10) -> tuple[float, float, object]:
-    """Compiles `fn` (a jitted function) for `args`, then times it.
+def compile_and_time(
+    fn: Callable, *args, repeats: int = 10, compiler_options: dict | None = None
+) -> tuple[float, float, object]:
+    """Compiles `fn` (a jitted function) for `args`, with XLA `compiler_options` if
+    given, then times it.
 
     Returns (compile seconds, median milliseconds per call, compiled object).
     """
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile(compiler_options)
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))  # warm-up
     times = []

@@ -3,7 +3,7 @@
 jaxlib 0.10's XLA:CPU hands convolutions, reductions and elementwise chains to YNNPACK
 fusions. For the backbones' backward pass (the kernel-gradient convolutions in
 particular) those are slower than XLA's own emitters: with them off, the whole
-pretraining step runs 1.5-2x faster on CPU (BENCHMARKS.md, "Backbones on CPU"). The
+pretraining step runs 1.4-2x faster on CPU (BENCHMARKS.md, "Backbones on CPU"). The
 flags touch only the CPU backend, so GPU and TPU runs are unaffected. They are
 environment flags, read once when the first backend starts, so they must be set before
 any computation; a library import never sets them, only the launcher.
