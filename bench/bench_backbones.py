@@ -262,7 +262,8 @@ def conv_ops(views: int, repeats: int) -> None:
         x = rng.normal(size=(views, size, size, cin)).astype(np.float32)
         w = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
         g = rng.normal(size=(views, size // s, size // s, cout)).astype(np.float32)
-        xt, wt, gt = (torch.from_numpy(np.ascontiguousarray(a.transpose(*t))) for a, t in ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (g, (0, 3, 1, 2))))
+        layouts = ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (g, (0, 3, 1, 2)))
+        xt, wt, gt = (torch.from_numpy(np.ascontiguousarray(a.transpose(*t))) for a, t in layouts)
 
         def conv(x, w):
             return lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -20,12 +20,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import compile_and_time  # noqa: E402
 
 from rr_jax import train  # noqa: E402
-from rr_jax.xla_flags import CPU_DEFAULTS  # noqa: E402
 from rr_jax.config import base_config  # noqa: E402
 from rr_jax.data import get_dataset_spec  # noqa: E402
-from timing import compile_and_time  # noqa: E402
+from rr_jax.xla_flags import CPU_DEFAULTS  # noqa: E402
 
 BATCH = 64
 

@@ -18,10 +18,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from timing import compile_and_time, temp_mib  # noqa: E402
 
 import rr_jax  # noqa: E402
-from timing import compile_and_time, temp_mib  # noqa: E402
 
 BATCH = 64
 

@@ -19,4 +19,27 @@ from rr_jax.relational import (
 )
 from rr_jax.shuffle import derangement, derangements
 
+__all__ = [
+    "AugmentConfig",
+    "augment_views",
+    "normalize",
+    "BACKBONES",
+    "create_backbone",
+    "AGGREGATIONS",
+    "HEADS",
+    "LOSSES",
+    "NEGATIVES",
+    "DotProductHead",
+    "RelationHead",
+    "aggregate",
+    "init_relation_head",
+    "make_pairs",
+    "pair_indices",
+    "pair_loss",
+    "pair_metrics",
+    "relational_loss",
+    "derangement",
+    "derangements",
+]
+
 __version__ = "0.1.0"

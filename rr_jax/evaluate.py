@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
+
 def _check_features(name: str, x) -> None:
     if np.ndim(x) != 2:
         raise ValueError(f"{name} must be float[N, D] (rank 2), got shape {np.shape(x)}.")

@@ -221,7 +221,8 @@ def views_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], dict[int
     rows = []
     for k, runs in by_k.items():
         seed0 = [r for r in runs if r["seed"] == 0] or runs
-        rows.append([k, k * (k - 1) * 64, *(mean_std([r[key] for r in seed0]) for key in ("probe_top1", "knn_top1", "precision_at_10")),
+        scores = (mean_std([r[key] for r in seed0]) for key in ("probe_top1", "knn_top1", "precision_at_10"))
+        rows.append([k, k * (k - 1) * 64, *scores,
                      mean_std([r["probe_top1"] for r in runs]) + f" (n={len(runs)})",
                      f"{statistics.mean(_wall(r) for r in seed0):.0f}"])
     header = ("K", "pairs / step", "probe top-1 % (seed 0)", "kNN top-1 %", "precision@10 %",
@@ -235,12 +236,14 @@ def ablation_table(results: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     if base:
         base = base[0]
-        rows.append(["(default) relation head, cat, focal, derangement", *(f"{100 * base[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10")), "-", f"{_wall(base):.0f}"])
+        scores = (f"{100 * base[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10"))
+        rows.append(["(default) relation head, cat, focal, derangement", *scores, "-", f"{_wall(base):.0f}"])
     for r in results.values():
         if r["group"] in ("head", "aggregation", "loss", "negatives"):
             value = r["overrides"][f"relational.{r['group']}"]
             delta = f"{100 * (r['probe_top1'] - base['probe_top1']):+.2f}" if base else "-"
-            rows.append([f"{r['group']} = {value}", *(f"{100 * r[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10")), delta, f"{_wall(r):.0f}"])
+            scores = (f"{100 * r[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10"))
+            rows.append([f"{r['group']} = {value}", *scores, delta, f"{_wall(r):.0f}"])
     header = ("variant", "probe top-1 %", "kNN top-1 %", "precision@10 %", "probe Δ vs default (points)", "wall s")
     return _table(header, rows)
 

@@ -28,8 +28,8 @@ from absl import logging
 
 from rr_jax import data
 from rr_jax.augment import AugmentConfig, augment_views
-from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.backbones import create_backbone
+from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
 from rr_jax.evaluate import knn_accuracy

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import mocked_tfds
+
 from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.baselines import classification_loss, nt_xent_loss

@@ -8,7 +8,6 @@ import pytest
 
 from rr_jax import evaluate
 
-
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import mocked_tfds, numpy_knn_top1
 
 from rr_jax import evaluate_run, linear_probe, train
 from rr_jax.backbones import create_backbone
@@ -22,7 +23,6 @@ from rr_jax.checkpoint import restore_probe
 from rr_jax.config import base_config
 from rr_jax.data import get_dataset_spec
 from rr_jax.evaluate import topk_accuracy
-from conftest import mocked_tfds, numpy_knn_top1
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 64  # per mocked split

@@ -11,10 +11,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import mocked_tfds, numpy_knn_top1
 
 from rr_jax import data, linear_probe, train
 from rr_jax.checkpoint import Checkpointer
-from conftest import mocked_tfds, numpy_knn_top1
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

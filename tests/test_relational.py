@@ -7,10 +7,10 @@ import pytest
 
 from rr_jax import (
     AGGREGATIONS,
-    pair_indices,
     RelationHead,
     init_relation_head,
     make_pairs,
+    pair_indices,
     pair_loss,
     pair_metrics,
     relational_loss,
