@@ -8,7 +8,9 @@ steps hold `backbone`, `config` and, when known, `head` (the relation head's var
 Arrays are saved as host NumPy copies of one replica: never replicated, and restorable
 in a process with any number of devices (they come back as NumPy and the caller places
 them). Orbax writes each step into a temporary directory and renames it when complete,
-so a step cut short by a kill is never listed.
+so a step cut short by a kill is never listed. Step 0 is never rotated away: it holds
+imported weights (or method 'random''s untrained ones), which no later step replaces.
+A step damaged after it was written can be moved aside (`set_aside`) for inspection.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 ITEMS = ("state", "backbone", "head", "config")
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -40,7 +44,14 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, max_to_keep: int | None = None):
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._workdir = os.path.abspath(workdir)
+        if max_to_keep is None:
+            policy = checkpoint_managers.PreserveAll()
+        else:
+            policy = checkpoint_managers.AnyPreservationPolicy(
+                [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps([0])]
+            )
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
         self._manager = ocp.CheckpointManager(
             checkpoint_dir(workdir), options=options, item_names=ITEMS
         )
@@ -51,6 +62,27 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def has_item(self, step: int, item: str) -> bool:
+        """Whether step `step` was written with item `item` (e.g. 'state')."""
+        return os.path.isdir(os.path.join(self._manager.directory, str(step), item))
+
+    def restore_config(self, step: int) -> dict:
+        """The config dict saved with `step`."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(restored["config"])
+
+    def set_aside(self, step: int) -> str:
+        """Moves the (damaged) directory of `step` to WORKDIR/checkpoints_damaged/<step>,
+        kept for inspection, so that it is neither resumed nor overwritten; returns the
+        new path."""
+        target = os.path.join(self._workdir, DAMAGED_DIR, str(step))
+        if os.path.exists(target):
+            target += f".{len(os.listdir(os.path.dirname(target)))}"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(self._manager.directory, str(step)), target)
+        self._manager.reload()
+        return target
 
     def save(self, step: int, state: Any, backbone: Any, config: dict) -> None:
         """Writes step `step` (one replica's host copy of `state` and `backbone`)."""

@@ -13,11 +13,14 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
-from rr_jax.data import DATASETS
+from rr_jax.data import DATASETS, get_dataset_spec
+from rr_jax.errors import ConfigError
 from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES
 
 METHODS = ("relational", "simclr", "supervised", "random")
+LABELLED_METHODS = ("supervised",)  # methods whose loss reads the labels
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -94,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, value, allowed: str) -> None:
-    raise ValueError(f"config.{key}={value!r} is not allowed: {allowed}.")
+    raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}.")
 
 
 def _choice(config: ml_collections.ConfigDict, key: str, allowed) -> None:
@@ -111,7 +114,8 @@ def validate_config(
     *,
     device_count: int | None = None,
 ) -> None:
-    """Raises ValueError on the first bad field, naming it, its value and what is allowed.
+    """Raises ConfigError (a ValueError) on the first bad field, naming it, its value
+    and what is allowed. Only checks: it reads no data and creates nothing.
 
     Args:
       config: a config built from `base_config()`.
@@ -162,10 +166,34 @@ def validate_config(
     if config.batch_size // devices < 2:
         _fail("batch_size", config.batch_size,
               f"each of the {devices} devices needs >= 2 images to form negatives")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        _fail("seed", config.seed, "it must be an integer >= 0")
+    if not 0 <= config.optimizer.momentum < 1:
+        _fail("optimizer.momentum", config.optimizer.momentum, "it must be in [0, 1)")
+    try:
+        AugmentConfig(**config.augment.to_dict())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.augment is not allowed: {error}") from None
+    split = config.pretrain_split or get_dataset_spec(config.dataset).pretrain_split
+    if config.method in LABELLED_METHODS and split.split("[")[0] == "unlabelled":
+        _fail("method", config.method,
+              f"it trains on labels, and the pretraining split {split!r} has none; "
+              "set config.pretrain_split to a labelled split (e.g. 'train')")
     if workdir is not None:
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"--workdir={workdir!r} cannot be created: {error}.") from error
-        if not os.access(workdir, os.W_OK):
-            raise ValueError(f"--workdir={workdir!r} is not writable.")
+        _check_workdir(workdir)
+
+
+def _check_workdir(workdir: str) -> None:
+    """The workdir is a writable directory, or can be created as one."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"--workdir={workdir!r} exists and is not a directory.")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"--workdir={workdir!r} is not writable.")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {parent!r} is not a writable directory.")

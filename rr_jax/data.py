@@ -39,6 +39,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from rr_jax.errors import DatasetError, DatasetNotFoundError
+
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 _PROBE_TIMEOUT_S = 5.0
@@ -340,12 +342,12 @@ def _prepared_builder(
             spec.tfds_name, root, offline,
         )
     elif not download:
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"TFDS dataset {spec.tfds_name!r} is not prepared in {root} and download=False. "
             + _how_to_get(spec, root)
         )
     elif unreachable := _unreachable_hosts(builder):
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"TFDS dataset {spec.tfds_name!r} is not prepared in {root} and cannot be "
             f"downloaded: no answer from {unreachable}. " + _how_to_get(spec, root)
         )
@@ -382,7 +384,8 @@ def load_split(
       for STL-10's "unlabelled" split), in TFDS's order.
 
     Raises:
-      FileNotFoundError: the dataset is not prepared and cannot be obtained; the
+      DatasetError: the prepared files are damaged; the message names the directory.
+      DatasetNotFoundError (a FileNotFoundError): the dataset is not prepared and cannot be obtained; the
         message says how to get it.
       ValueError: the TFDS dataset does not match `spec`.
     """
@@ -412,9 +415,17 @@ def load_split(
     images = np.empty((n, *spec.image_shape), np.uint8)
     labels = np.empty((n,), np.int32)
     start = 0
-    for x, y in tfds.as_numpy(ds):
-        images[start : start + len(x)], labels[start : start + len(x)] = x, y
-        start += len(x)
+    try:
+        for x, y in tfds.as_numpy(ds):
+            images[start : start + len(x)], labels[start : start + len(x)] = x, y
+            start += len(x)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        raise DatasetError(
+            f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} is damaged: reading split "
+            f"{split!r} failed with {type(error).__name__}: {error.message.splitlines()[0]} "
+            f"Delete {builder.data_dir} and run again to prepare it anew. "
+            + _how_to_get(spec, os.fspath(builder.data_dir_root))
+        ) from None
     logging.info(
         "Loaded TFDS %s split %r: %d examples of shape %s (%.1f MiB) from %s.",
         spec.tfds_name, split, n, spec.image_shape, images.nbytes / 2**20, builder.data_dir,

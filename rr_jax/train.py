@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -32,10 +31,12 @@ from rr_jax.backbones import create_backbone
 from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
+from rr_jax.errors import Preempted, ResumeError
 from rr_jax.evaluate import knn_accuracy
 from rr_jax.linear_probe import extract_features
 from rr_jax.observe import MetricsLog, ProgressBar
 from rr_jax.relational import init_relation_head, relational_loss
+from rr_jax.run_dir import HEAD_FIELDS, WEIGHT_FIELDS, RunDirectory, check_resumable
 
 AXIS = "batch"
 
@@ -221,7 +222,8 @@ def train_step(
     an optimizer step. Under `axis_name`, gradients, metrics and BatchNorm statistics
     are averaged over devices and each device augments with its own key; the negatives'
     key is shared so that `global_negatives` draws one derangement of the whole batch.
-    Labels are used by 'supervised' only.
+    Labels are used by 'supervised' only. Metrics are device means, except counts
+    (names starting with 'num_', e.g. 'num_pairs'), which are totals over devices.
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     augment_key, pair_key = jax.random.split(step_key)
@@ -249,7 +251,10 @@ def train_step(
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
-        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        grads = jax.lax.pmean(grads, axis_name)
+        # Counts ('num_pairs') add up over devices; rates and losses are averaged.
+        metrics = {k: (jax.lax.psum if k.startswith("num_") else jax.lax.pmean)(v, axis_name)
+                   for k, v in metrics.items()}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
@@ -342,9 +347,80 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state."""
+def _restore(
+    checkpointer: Checkpointer,
+    fresh: TrainState,
+    config: ml_collections.ConfigDict,
+    allow_config_change: Sequence[str],
+    primary: bool,
+) -> tuple[TrainState, int]:
+    """The newest checkpoint of the workdir that restores, as (state, its step).
+
+    A step whose config differs from `config` in fields that change what is trained is
+    refused (ResumeError). A step that fails to restore (damaged after it was written) is
+    moved aside with a warning and the previous one is tried. Step 0 without a train
+    state holds imported weights (rr_jax.convert): pretraining continues from them.
+    None restores: (fresh, 0).
+    """
+    current = config.to_dict()
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            saved = checkpointer.restore_config(step)
+            if checkpointer.has_item(step, "state"):
+                check_resumable(saved, current, step=step, allow=allow_config_change)
+                return jax.tree.map(jnp.asarray, checkpointer.restore_state(step, fresh)), step
+            if step == 0:
+                return _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change), 0
+            raise KeyError(f"step {step} has no train state")
+        except ResumeError:
+            raise
+        except Exception as error:  # any damage: fall back to an older step
+            where = checkpointer.set_aside(step) if primary else "place"
+            logging.warning(
+                "The checkpoint of step %d cannot be restored (%s: %s); it is left in %s for "
+                "inspection and the previous checkpoint is tried.",
+                step, type(error).__name__, str(error).splitlines()[0][:300], where,
+            )
+    return fresh, 0
+
+
+def _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change) -> TrainState:
+    """`fresh` with the backbone (and, when shapes agree, the relation head) of the
+    imported weights of step 0; the optimizer state starts afresh."""
+    head = checkpointer.restore_head(0) if current["method"] == "relational" else None
+    fields = WEIGHT_FIELDS + (HEAD_FIELDS if head is not None else ())
+    check_resumable(saved, current, step=0, only=fields, allow=allow_config_change)
+    backbone, _ = checkpointer.restore_backbone(0)
+    params, batch_stats = dict(fresh.params), dict(fresh.batch_stats)
+    params["backbone"], batch_stats["backbone"] = backbone["params"], backbone["batch_stats"]
+    if head is not None:
+        params["head"], batch_stats["head"] = head["params"], head["batch_stats"]
+    logging.info("Continuing pretraining from the imported weights of step 0 (backbone%s).",
+                 " and relation head" if head is not None else "")
+    imported = fresh.replace(params=params, batch_stats=batch_stats)
+    chex.assert_trees_all_equal_shapes_and_dtypes(imported.params, fresh.params)
+    return jax.tree.map(jnp.asarray, imported)
+
+
+def pretrain(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: Sequence[str] = ()
+) -> TrainState:
+    """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state.
+
+    Raises:
+      ConfigError: a config field is not allowed (before anything is created).
+      WorkdirBusyError: another live run holds `workdir`.
+      ResumeError: the checkpoint's config differs in fields not in RESUMABLE_FIELDS or
+        `allow_config_change`.
+      Preempted: SIGTERM arrived; the checkpoint of the step reached is saved.
+    """
     validate_config(config, workdir)
+    with RunDirectory(workdir, primary=jax.process_index() == 0, process_index=jax.process_index()) as run:
+        return _pretrain(config, run, allow_config_change)
+
+
+def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config_change: Sequence[str]) -> TrainState:
+    workdir = run.workdir
     spec = data.get_dataset_spec(config.dataset)
     images, labels = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
     steps_per_epoch = data.steps_per_epoch(len(images), config.batch_size)
@@ -362,11 +438,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         options=options, hidden_dim=config.relational.hidden_dim, num_classes=spec.num_classes,
     )
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
-    start = checkpointer.latest_step() or 0
+    state, start = _restore(checkpointer, state, config, allow_config_change, run.primary)
     if start:
-        state = jax.tree.map(jnp.asarray, checkpointer.restore_state(start, state))
         logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
-    _log_run(config, workdir, state, spec, steps_per_epoch, total_steps)
+    if dropped := run.trim_metrics(start):
+        logging.info("Dropped %d metrics.jsonl records logged after step %d.", dropped, start)
+    run.write_config(config.to_dict())
+    _log_run(config, state, spec, steps_per_epoch, total_steps)
 
     step_fn = parallel_train_step(
         backbone=backbone, optimizer=optimizer, options=options, num_classes=spec.num_classes,
@@ -379,8 +457,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             process_count=jax.process_count(), local_device_count=jax.local_device_count(),
         )
     )
-    metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    monitor = knn_monitor(config, spec) if jax.process_index() == 0 else None
+    monitor = knn_monitor(config, spec) if run.primary else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
 
@@ -394,44 +471,47 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     if total_steps == 0 and checkpointer.latest_step() is None:
         save(0)  # method 'random': the untrained weights are the result
-    with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
-        for step in range(start + 1, total_steps + 1):
-            replicated, metrics = step_fn(replicated, next(batches))
-            pending.append(metrics)
-            last = step == total_steps
-            if step % config.log_every_steps == 0 or last or preemption.requested:
-                window = [unreplicate(m) for m in jax.device_get(pending)]
-                first_step = step - len(window) + 1
-                for offset, m in enumerate(window):
-                    if not np.isfinite(m["loss"]):
-                        raise FloatingPointError(
-                            f"Loss is {m['loss']} at step {first_step + offset}; stopping."
-                        )
-                elapsed = time.perf_counter() - window_start
-                record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
-                record["images_per_second"] = len(window) * config.batch_size / elapsed
-                metrics_log.write(step, record)
-                progress.update(step, record)
-                pending, window_start = [], time.perf_counter()
-            if monitor is not None and (step % config.knn_monitor.every_steps == 0 or last):
-                knn_top1 = monitor(unreplicate(replicated))
-                metrics_log.write(step, {"knn_top1": knn_top1})
-                logging.info("Step %d: kNN top-1 %.2f%%.", step, 100 * knn_top1)
-            if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
-                save(step)
-            if preemption.requested:
-                break
-    checkpointer.wait()
-    checkpointer.close()
-    metrics_log.close()
+    metrics_log = MetricsLog(workdir, enabled=run.primary)
+    step = start
+    try:
+        with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
+            for step in range(start + 1, total_steps + 1):
+                replicated, metrics = step_fn(replicated, next(batches))
+                pending.append(metrics)
+                last = step == total_steps
+                if step % config.log_every_steps == 0 or last or preemption.requested:
+                    window = [unreplicate(m) for m in jax.device_get(pending)]
+                    first_step = step - len(window) + 1
+                    for offset, m in enumerate(window):
+                        if not np.isfinite(m["loss"]):
+                            raise FloatingPointError(
+                                f"Loss is {m['loss']} at step {first_step + offset}; stopping."
+                            )
+                    elapsed = time.perf_counter() - window_start
+                    record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                    record["images_per_second"] = len(window) * config.batch_size / elapsed
+                    metrics_log.write(step, record)
+                    progress.update(step, record)
+                    pending, window_start = [], time.perf_counter()
+                if monitor is not None and (step % config.knn_monitor.every_steps == 0 or last):
+                    knn_top1 = monitor(unreplicate(replicated))
+                    metrics_log.write(step, {"knn_top1": knn_top1})
+                    logging.info("Step %d: kNN top-1 %.2f%%.", step, 100 * knn_top1)
+                if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
+                    save(step)
+                if preemption.requested:
+                    break
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        metrics_log.close()
+    if preemption.requested:
+        raise Preempted(step, total_steps, workdir)
     return unreplicate(replicated)
 
 
-def _log_run(config, workdir, state, spec, steps_per_epoch, total_steps) -> None:
-    """Writes WORKDIR/config.json and logs what the run is made of."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+def _log_run(config, state, spec, steps_per_epoch, total_steps) -> None:
+    """Logs what the run is made of."""
     num_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
     k = objective_options(config).num_views
     objective = config.method + (

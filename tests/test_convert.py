@@ -19,6 +19,7 @@ import pytest
 from rr_jax import convert
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
+from rr_jax.errors import InputFileError
 from rr_jax.linear_probe import load_backbone
 from rr_jax.relational import RelationHead, init_relation_head
 
@@ -321,3 +322,12 @@ def test_torch_is_imported_lazily_and_its_absence_explained(monkeypatch, tmp_pat
     importlib.reload(convert)
     with pytest.raises(ImportError, match=r"pip install 'rr_jax\[torch\]'"):
         convert.load_torch_checkpoint(str(tmp_path / "missing.tar"))
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8))])
+def test_files_that_are_not_pytorch_checkpoints_are_named(torch, tmp_path, content):
+    path = tmp_path / "weights.tar"
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=rf"{path} is not a PyTorch checkpoint of the official code") as error:
+        convert.load_torch_checkpoint(str(path))
+    assert "weights_only" not in str(error.value)

@@ -15,6 +15,7 @@ from conftest import mocked_tfds, numpy_knn_top1
 
 from rr_jax import data, linear_probe, train
 from rr_jax.checkpoint import Checkpointer
+from rr_jax.errors import Preempted
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
         expected = numpy_knn_top1(features[0], bank_labels, features[1], query_labels, 5, 0.07, 10)
         np.testing.assert_allclose(knn[step], expected)
     assert {"loss", "accuracy", "accuracy_positive", "accuracy_negative", "images_per_second"} <= set(records[0])
-    assert records[0]["num_pairs"] == 2 * 1 * 2  # per device: K(K-1) * M_local
+    assert records[0]["num_pairs"] == 2 * 1 * 16  # global, as the startup log: K(K-1) * M
     assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == "resnet32"
     assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
     backbone, saved_config = Checkpointer(str(workdir)).restore_backbone()
@@ -95,9 +96,10 @@ def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fa
                 yield batch
 
         monkeypatch.setattr(train.data, "batches", preempted_batches)
-        stopped = train.pretrain(config(), str(tmp_path / "resumed"))
-        assert 1 <= int(stopped.step) < 4  # saved and stopped early
-        assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [int(stopped.step)]
+        with pytest.raises(Preempted) as stopped:
+            train.pretrain(config(), str(tmp_path / "resumed"))
+        assert 1 <= stopped.value.step < 4  # saved and stopped early
+        assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [stopped.value.step]
         monkeypatch.setattr(train.data, "batches", real_batches)
         resumed = train.pretrain(config(), str(tmp_path / "resumed"))
     assert int(resumed.step) == 4
