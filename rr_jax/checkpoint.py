@@ -45,9 +45,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, max_to_keep: int | None = None):
         self._workdir = os.path.abspath(workdir)
-        if max_to_keep is None:
-            policy = checkpoint_managers.PreserveAll()
-        else:
+        policy = None  # keep every step
+        if max_to_keep is not None:
             policy = checkpoint_managers.AnyPreservationPolicy(
                 [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps([0])]
             )
