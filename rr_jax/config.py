@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint.max_to_keep = 3
 
     # Online monitoring: weighted kNN top-1 of the first num_test test images against the
-    # first num_train pretraining images (labels used for monitoring only), written to
+    # first num_train images of the labelled train split (labels used for monitoring only), written to
     # metrics.jsonl as 'knn_top1' every every_steps steps and at the end; 0 turns it off.
     config.knn_monitor = ml_collections.ConfigDict()
     config.knn_monitor.every_steps = 0

@@ -1,6 +1,6 @@
 """kNN accuracy, image retrieval and t-SNE of a pretraining run's frozen backbone.
 
-    python -m rr_jax.evaluate_run --workdir=DIR [--step=N] [--knn_k=20] [--no_plots]
+    python -m rr_jax.evaluate_run --workdir=DIR [--step=N] [--knn_k=20] [--noplots]
 
 Restores the backbone like the linear probe does (any device count), computes eval-mode
 features of the pretraining dataset's train and test splits once, and writes
