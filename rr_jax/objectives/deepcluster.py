@@ -80,7 +80,9 @@ def kmeans_plus_plus(key: jax.Array, x: jax.Array, num_clusters: int) -> jax.Arr
 
     def add_centre(i, carry):
         centres, distances = carry
-        index = jax.random.choice(keys[i], x.shape[0], p=distances / distances.sum())
+        total = distances.sum()  # 0 when every point is a centre already: draw uniformly
+        probabilities = jnp.where(total > 0, distances / jnp.where(total > 0, total, 1.0), 1.0 / x.shape[0])
+        index = jax.random.choice(keys[i], x.shape[0], p=probabilities)
         centre = x[index]
         return centres.at[i].set(centre), jnp.minimum(distances, _squared_distances(x, centre[None])[:, 0])
 
@@ -208,6 +210,10 @@ class DeepCluster(Objective):
         as after a resume) and re-initialises the head's last layer."""
         if int(state.objective_state["epoch"]) == epoch:
             return state
+        num_examples = np.shape(state.objective_state["assignments"])[0]
+        if num_examples < self.num_clusters:
+            raise ValueError(f"DeepCluster needs at least num_clusters={self.num_clusters} pretraining images, "
+                             f"got {num_examples}; lower config.deepcluster.clusters_per_class.")
         key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.rng)), epoch)
         cluster_key, head_key = jax.random.split(key)
         points = l2_normalize(pca_whiten(jnp.asarray(features(state))))
