@@ -20,7 +20,8 @@ The official training script sets alpha = 0, beta = 1, gamma = 0.1 (config.deepi
 as there, a discriminator whose weight is 0 is not created. As in the official code
 every part, the prior discriminator included, minimises this one loss; Adam 1e-4
 (higher rates diverge, says the official code); the only augmentation is a horizontal
-flip. Layers use PyTorch's default kernel initialisation, biases start at zero.
+flip. Layers are named as the official ones (c0, l0, ...), use PyTorch's default kernel
+initialisation, and biases start at zero.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ FEATURE_MAPS: dict[str, tuple[tuple[str, ...], bool]] = {
 POOLED_SIZE = 16
 
 
-def _dense(features: int) -> nn.Dense:
-    return nn.Dense(features, kernel_init=TORCH_KERNEL_INIT)
+def _dense(features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=TORCH_KERNEL_INIT, name=name)
 
 
-def _conv(features: int, kernel: int) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding="VALID", kernel_init=TORCH_KERNEL_INIT)
+def _conv(features: int, kernel: int, name: str) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), padding="VALID", kernel_init=TORCH_KERNEL_INIT, name=name)
 
 
 def adaptive_average_pool(x: jax.Array, size: int) -> jax.Array:
@@ -73,11 +74,11 @@ class GlobalDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, y: jax.Array, feature_map: jax.Array) -> jax.Array:
-        h = _conv(32, 3)(nn.relu(_conv(64, 3)(feature_map)))
-        h = adaptive_average_pool(h, POOLED_SIZE)
+        h = nn.relu(_conv(64, 3, "c0")(feature_map))
+        h = adaptive_average_pool(_conv(32, 3, "c1")(h), POOLED_SIZE)
         h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)  # PyTorch's NCHW flattening
-        h = jnp.concatenate([y, h], axis=1)
-        return _dense(1)(nn.relu(_dense(256)(nn.relu(_dense(256)(h)))))
+        h = nn.relu(_dense(256, "l0")(jnp.concatenate([y, h], axis=1)))
+        return _dense(1, "l2")(nn.relu(_dense(256, "l1")(h)))
 
 
 class LocalDiscriminator(nn.Module):
@@ -86,8 +87,8 @@ class LocalDiscriminator(nn.Module):
     @nn.compact
     def __call__(self, y: jax.Array, feature_map: jax.Array) -> jax.Array:
         tiled = jnp.broadcast_to(y[:, None, None, :], (*feature_map.shape[:3], y.shape[-1]))
-        h = jnp.concatenate([feature_map, tiled], axis=-1)
-        return _conv(1, 1)(nn.relu(_conv(256, 1)(nn.relu(_conv(256, 1)(h)))))
+        h = nn.relu(_conv(256, 1, "c0")(jnp.concatenate([feature_map, tiled], axis=-1)))
+        return _conv(1, 1, "c2")(nn.relu(_conv(256, 1, "c1")(h)))
 
 
 class PriorDiscriminator(nn.Module):
@@ -95,7 +96,8 @@ class PriorDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, y: jax.Array) -> jax.Array:
-        return _dense(1)(nn.relu(_dense(128)(nn.relu(_dense(512)(y)))))
+        h = nn.relu(_dense(512, "l0")(y))
+        return _dense(1, "l2")(nn.relu(_dense(128, "l1")(h)))
 
 
 DISCRIMINATORS = {"global": GlobalDiscriminator, "local": LocalDiscriminator, "prior": PriorDiscriminator}
