@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from rr_jax.objectives.deepcluster import (
 from rr_jax.objectives.rotationnet import rotations
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-IDENTITY = CropFlip(padding=0, flip_prob=0.0, mean=(0.5,), std=(0.25,))
+IDENTITY = CropFlip(padding=0, flip_prob=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 def numpy_cross_entropy(logits, labels, weights=None):
@@ -401,3 +402,37 @@ def test_deepcluster_start_epoch_is_skipped_for_the_epoch_it_belongs_to():
     assert objective.start_epoch(0, clustered, features) is clustered and len(calls) == 1
     with pytest.raises(ValueError, match="at least num_clusters=8"):
         dataclasses.replace(objective, num_clusters=8).start_epoch(1, clustered, features)
+
+
+# ------------------------------------------------------------------- a new objective
+
+
+def readme_objective() -> str:
+    readme = (ROOT / "README.md").read_text().split("### Adding an objective", 1)[1]
+    return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_the_readme_objective_plugs_in_with_one_registry_line(monkeypatch):
+    namespace = {}
+    header = ("import dataclasses\nimport flax.linen as nn\nimport jax.numpy as jnp\n"
+              "from rr_jax.objectives import Objective\n")
+    exec(compile(header + readme_objective(), "README.md", "exec"), namespace)
+    monkeypatch.setitem(OBJECTIVES, "my_method", namespace["MyMethod"])  # the one registry line
+    config = base_config()
+    config.method = "my_method"
+    config.model.backbone = "conv4"
+    config.augment.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
+                          grayscale_prob=0.0)
+    validate_config(config, device_count=8)
+    spec = dataclasses.replace(train.data.get_dataset_spec("cifar10"), mean=(0.5,) * 3, std=(0.25,) * 3)
+    objective = train.make_objective(config, spec)
+    backbone, optimizer = train.make_backbone(config, axis_name=None), train.make_optimizer(config, 10)
+    state = train.create_train_state(jax.random.key(0), backbone, optimizer, (8, 8, 3), objective=objective)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
+    _, metrics = train.train_step(state, {"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)},
+                                  backbone=backbone, optimizer=optimizer, objective=objective)
+    features, _ = backbone.apply({"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                                 (images / 255.0 - 0.5) / 0.25, train=True, mutable=["batch_stats"])
+    head = state.params["head"]
+    expected = np.mean((np.asarray(features, np.float64) @ head["kernel"] + head["bias"]) ** 2)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-4)
