@@ -55,11 +55,11 @@ def main():
             config.relational.num_views = views
             backbone = train.make_backbone(config)
             optimizer = train.make_optimizer(config, total_steps=1)
-            state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape)
-            step = train.parallel_train_step(
-                backbone=backbone, optimizer=optimizer, options=train.objective_options(config),
-                augment=train.make_augment_config(config, spec), donate=False,
-            )
+            objective = train.make_objective(config, spec)
+            state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape,
+                                             objective=objective)
+            step = train.parallel_train_step(backbone=backbone, optimizer=optimizer, objective=objective,
+                                             donate=False)
             inputs = (train.replicate(state), batch)
             compile_s, step_ms, _ = compile_and_time(jax.jit(step), *inputs, repeats=args.repeats)
             row = (f"| {name} | {views} | {views * BATCH} | {step_ms:.0f} | "

@@ -15,7 +15,9 @@ A step damaged after it was written can be moved aside (`set_aside`) for inspect
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -51,8 +53,10 @@ class Checkpointer:
                 [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps([0])]
             )
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+        handlers = {item: ocp.StandardCheckpointHandler() for item in ITEMS if item != "config"}
         self._manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_names=ITEMS
+            checkpoint_dir(workdir), options=options,
+            item_handlers={**handlers, "config": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -109,11 +113,22 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_state(self, step: int, target: Any) -> Any:
-        """The train state of `step`, as NumPy arrays shaped like `target`."""
+        """The train state of `step`, as NumPy arrays shaped like `target`.
+
+        `target` is a dataclass (a flax.struct TrainState) or a dict. Its top-level fields
+        that the checkpoint lacks (fields added after the checkpoint was written) keep
+        their values from `target`, so older checkpoints restore into newer states.
+        """
+        target = _to_host(target)
+        fields = _fields(target)
+        saved = self._manager.item_metadata(step)["state"]
+        present = {name: value for name, value in fields.items() if name in saved}
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_to_host(target)))
-        )
-        return restored["state"]
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(present))
+        )["state"]
+        if isinstance(target, Mapping):
+            return {**target, **restored}
+        return target.replace(**restored)
 
     def restore_backbone(self, step: int | None = None) -> tuple[Any, dict]:
         """(backbone variables as NumPy, config dict) of `step` (default: the latest)."""
@@ -170,6 +185,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _fields(tree: Any) -> dict[str, Any]:
+    """The top-level fields of a dataclass or dict, by name."""
+    if isinstance(tree, Mapping):
+        return dict(tree)
+    if dataclasses.is_dataclass(tree):
+        return {field.name: getattr(tree, field.name) for field in dataclasses.fields(tree)}
+    raise ValueError(f"A train state must be a dataclass or a dict, got {type(tree).__name__}.")
 
 
 def save_probe(directory: str, tree: Any) -> None:

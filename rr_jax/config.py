@@ -17,10 +17,8 @@ from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
 from rr_jax.data import DATASETS, get_dataset_spec
 from rr_jax.errors import ConfigError
-from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES
+from rr_jax.objectives import OBJECTIVES, config_error, get_objective
 
-METHODS = ("relational", "simclr", "supervised", "random")
-LABELLED_METHODS = ("supervised",)  # methods whose loss reads the labels
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -32,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = "cifar10"
     config.data_dir = config_dict.placeholder(str)  # None: TFDS's default directory
     config.pretrain_split = config_dict.placeholder(str)  # None: the dataset's, e.g. 'train[:10%]'
-    config.method = "relational"  # or the baselines 'simclr', 'supervised', 'random'
+    config.method = "relational"  # a name of rr_jax.objectives.OBJECTIVES
     config.seed = 0
     config.batch_size = 64  # global M: images per step over all devices
     config.num_epochs = 200
@@ -42,15 +40,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "resnet32"
     config.model.dtype = "float32"  # 'bfloat16': bf16 activations, f32 params and BN stats
-
-    config.relational = ml_collections.ConfigDict()
-    config.relational.num_views = 32  # K
-    config.relational.aggregation = "cat"
-    config.relational.negatives = "derangement"
-    config.relational.loss = "focal"
-    config.relational.global_negatives = False  # negatives across devices (all-gather)
-    config.relational.hidden_dim = 256
-    config.relational.head = "mlp"  # the relation head; 'dot': the dot-product ablation
 
     config.augment = ml_collections.ConfigDict()
     config.augment.crop_scale = (0.08, 1.0)
@@ -63,12 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.augment.jitter_prob = 0.8
     config.augment.grayscale_prob = 0.2
 
-    config.simclr = ml_collections.ConfigDict()
-    config.simclr.temperature = 0.5
+    # Each method's own fields: config.relational, config.simclr, config.deepinfomax, ...
+    for name, objective in OBJECTIVES.items():
+        if (fields := objective.config_defaults()) is not None:
+            config[name] = fields
 
-    # Unset (None) fields take the method's defaults: Adam 1e-3 constant for the
-    # self-supervised methods (the paper), SGD 0.1 momentum 0.9 with x0.1 at 50% and
-    # 75% of training for 'supervised'.
+    # Unset (None) fields take the method's defaults (Objective.optimizer): Adam 1e-3
+    # constant for most self-supervised methods (the paper), 1e-4 for 'deepinfomax',
+    # SGD 0.1 momentum 0.9 with x0.1 at 50% and 75% of training for 'supervised'.
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = config_dict.placeholder(str)  # 'adam' or 'sgd'
     config.optimizer.learning_rate = config_dict.placeholder(float)
@@ -97,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, value, allowed: str) -> None:
-    raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}.")
+    raise config_error(key, value, allowed)
 
 
 def _choice(config: ml_collections.ConfigDict, key: str, allowed) -> None:
@@ -123,20 +114,14 @@ def validate_config(
       device_count: devices the global batch is split over (default: all devices).
     """
     _choice(config, "dataset", sorted(DATASETS))
-    _choice(config, "method", METHODS)
+    objective = get_objective(config.method)
     _choice(config, "model.backbone", sorted(BACKBONES))
     _choice(config, "model.dtype", DTYPES)
-    _choice(config, "relational.aggregation", AGGREGATIONS)
-    _choice(config, "relational.negatives", NEGATIVES)
-    _choice(config, "relational.loss", LOSSES)
-    _choice(config, "relational.head", HEADS)
     for key, allowed in (("optimizer.name", OPTIMIZERS), ("optimizer.schedule", SCHEDULES)):
         if config.optimizer[key.split(".")[1]] is not None:
             _choice(config, key, allowed)
-    if config.relational.num_views < 2:
-        _fail("relational.num_views", config.relational.num_views, "K must be >= 2 views to form pairs")
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "log_every_steps", "relational.hidden_dim", "probe.epochs",
+                "log_every_steps", "probe.epochs",
                 "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k"):
         value = config
         for part in key.split("."):
@@ -155,8 +140,7 @@ def validate_config(
               f"it must be <= knn_monitor.num_train={config.knn_monitor.num_train}")
     if config.knn_monitor.temperature <= 0:
         _fail("knn_monitor.temperature", config.knn_monitor.temperature, "it must be > 0")
-    if config.simclr.temperature <= 0:
-        _fail("simclr.temperature", config.simclr.temperature, "it must be > 0")
+    objective.validate(config)
     if config.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", config.optimizer.weight_decay, "it must be >= 0")
     devices = jax.device_count() if device_count is None else device_count
@@ -175,7 +159,7 @@ def validate_config(
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config.augment is not allowed: {error}") from None
     split = config.pretrain_split or get_dataset_spec(config.dataset).pretrain_split
-    if config.method in LABELLED_METHODS and split.split("[")[0] == "unlabelled":
+    if objective.needs_labels and split.split("[")[0] == "unlabelled":
         _fail("method", config.method,
               f"it trains on labels, and the pretraining split {split!r} has none; "
               "set config.pretrain_split to a labelled split (e.g. 'train')")

@@ -39,7 +39,8 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """A tqdm bar over steps showing loss, pair accuracy and images per second."""
+    """A tqdm bar over steps showing the loss, the objective's accuracy (when it has one)
+    and images per second."""
 
     def __init__(self, total_steps: int, start_step: int = 0):
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -48,11 +49,10 @@ class ProgressBar:
         return self
 
     def update(self, step: int, scalars: dict[str, float]) -> None:
-        self._bar.set_postfix(
-            loss=f"{scalars['loss']:.4f}",
-            pair_acc=f"{scalars['accuracy']:.3f}",
-            img_s=f"{scalars['images_per_second']:.0f}",
-        )
+        shown = {"loss": f"{scalars['loss']:.4f}"}
+        if "accuracy" in scalars:  # the objective's accuracy (pairs, rotations, clusters, ...)
+            shown["acc"] = f"{scalars['accuracy']:.3f}"
+        self._bar.set_postfix(**shown, img_s=f"{scalars['images_per_second']:.0f}")
         self._bar.update(step - self._bar.n)
 
     def __exit__(self, *exc):

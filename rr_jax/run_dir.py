@@ -75,16 +75,13 @@ def check_resumable(
     """
     saved_flat, current_flat = flatten(saved), flatten(current)
     allowed = (*RESUMABLE_FIELDS, *allow)
-    differing = [
-        key for key in sorted(set(saved_flat) | set(current_flat))
-        if saved_flat.get(key, "<absent>") != current_flat.get(key, "<absent>")
+    differing = [  # fields added to (or dropped from) rr_jax since the checkpoint are not compared
+        key for key in sorted(set(saved_flat) & set(current_flat))
+        if saved_flat[key] != current_flat[key]
         and not _matches(key, allowed) and (only is None or _matches(key, only))
     ]
     if differing:
-        lines = "\n".join(
-            f"  {key}: checkpoint {saved_flat.get(key, '<absent>')!r}, now {current_flat.get(key, '<absent>')!r}"
-            for key in differing
-        )
+        lines = "\n".join(f"  {key}: checkpoint {saved_flat[key]!r}, now {current_flat[key]!r}" for key in differing)
         raise ResumeError(
             f"Cannot resume the checkpoint of step {step} with a different config:\n{lines}\n"
             "Use a new --workdir for a different experiment, or pass "
