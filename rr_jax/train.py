@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rr_jax import data
+from rr_jax import data, inputs
 from rr_jax.augment import AugmentConfig, augment_views
 from rr_jax.backbones import create_backbone
 from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
@@ -345,9 +345,9 @@ class _Preemption:
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state."""
     validate_config(config, workdir)
-    spec = data.get_dataset_spec(config.dataset)
-    images, labels = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
-    steps_per_epoch = data.steps_per_epoch(len(images), config.batch_size)
+    spec = inputs.dataset_spec(config)
+    num_examples = data.split_size(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
+    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -373,9 +373,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         augment=make_augment_config(config, spec),
     )
     batches = data.prefetch_to_devices(
-        data.batches(
-            images, labels, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start, process_index=jax.process_index(),
+        inputs.pretrain_batches(
+            config, spec, start_step=start, process_index=jax.process_index(),
             process_count=jax.process_count(), local_device_count=jax.local_device_count(),
         )
     )
