@@ -485,7 +485,10 @@ def split_size(spec: DatasetSpec, split: str, data_dir: str | None = None, *, do
     dataset if needed but reads no images."""
     if spec.folder_layout is not None:
         return _folder_split(spec, split, data_dir).num_examples
-    return int(_prepared_builder(spec, data_dir, download).info.splits[split].num_examples)
+    builder = _prepared_builder(spec, data_dir, download)
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        return len(builder.as_data_source(split))
+    return int(builder.as_dataset(split=split, shuffle_files=False).cardinality())
 
 
 class _TfdsRecords:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
 from PIL import Image
 
@@ -185,30 +186,46 @@ def test_stream_eval_batches_match_eval_batches(tiny):
                 np.testing.assert_array_equal(y[key], x[key])
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist_array_record_dir(tmp_path_factory):
-    """A TFDS data_dir with Fashion-MNIST prepared as ArrayRecord from Debian's files."""
-    if not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR):
-        pytest.skip(f"{data.DEBIAN_FASHION_MNIST_DIR} is absent: apt-get install dataset-fashion-mnist")
-    root = str(tmp_path_factory.mktemp("tfds_array_record"))
-    data._prepared_builder(data.get_dataset_spec("fashion_mnist"), root, False, "array_record")
-    return root
+class StreamingTestDigits(tfds.core.GeneratorBasedBuilder):
+    """A registered 100-example TFDS dataset of random 8x8x1 images, 10 classes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1)), "label": tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        for i in range(100):
+            yield i, {"image": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), "label": i % 10}
 
 
-def test_tfds_array_record_stream_matches_tfrecord_in_memory(fashion_mnist_dir, fashion_mnist_array_record_dir):
-    spec, split = data.get_dataset_spec("fashion_mnist"), "train[:96]"
-    images, labels = data.load_split(spec, split, str(fashion_mnist_dir))  # tf.data over TFRecord
-    assert not data.supports_random_access(spec, str(fashion_mnist_dir))
-    assert data.supports_random_access(spec, fashion_mnist_array_record_dir)
-    source = data.record_source(spec, split, fashion_mnist_array_record_dir)  # tfds.data_source
+DIGITS = data.DatasetSpec(tfds_name="streaming_test_digits", image_shape=(8, 8, 1), num_classes=10, mean=(0.5,),
+                          std=(0.5,), pretrain_split="train", train_split="train", test_split="train")
+
+
+def test_tfds_array_record_stream_matches_tfrecord_in_memory(tmp_path):
+    tfrecord_dir, array_record_dir = str(tmp_path / "tfrecord"), str(tmp_path / "array_record")
+    split = "train[:96]"
+    images, labels = data.load_split(DIGITS, split, tfrecord_dir)  # prepared as TFRecord, read by tf.data
+    source = data.record_source(DIGITS, split, array_record_dir)  # prepared as ArrayRecord, tfds.data_source
+    assert not data.supports_random_access(DIGITS, tfrecord_dir)
+    assert data.supports_random_access(DIGITS, array_record_dir)
+    assert len(source) == len(labels) == 96
     layout = dict(global_batch_size=32, seed=3, process_index=1, process_count=2, local_device_count=2)
     memory = itertools.islice(data.batches(images, labels, **layout), 5)
     streamed = itertools.islice(streaming.stream_batches(source, **layout), 5)
-    for a, b in zip(memory, streamed):
+    for step, (a, b) in enumerate(zip(memory, streamed)):
+        idx = reference_indices(96, 32, 3, step, 1, 2)
+        np.testing.assert_array_equal(a["label"].ravel(), labels[idx])
         for key in ("image", "label"):
             np.testing.assert_array_equal(b[key], a[key])
     with pytest.raises(ValueError, match="prepared as tfrecord.*array_record"):
-        data.record_source(spec, split, str(fashion_mnist_dir))
+        data.record_source(DIGITS, split, tfrecord_dir)
 
 
 # --------------------------------------------------------------------- config
