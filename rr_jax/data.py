@@ -1,17 +1,21 @@
-"""TFDS datasets: names, splits, label spaces, statistics, per-host sharded batches.
+"""Datasets: names, splits, label spaces, statistics, sources, per-host sharded batches.
 
-Host-side work is decode and batch only; augmentation and normalisation run on device.
+Host-side work is decode (+ resize for variable-size images) and batch only;
+augmentation and normalisation run on device.
 
-A split is loaded once into memory as uint8 NumPy (`load_split`). Every process holds
-the whole split, so that it can take its own slice of any global batch:
-CIFAR-10/100 train 50000x32x32x3 = 147 MiB, STL-10 train 5000x96x96x3 = 132 MiB,
-STL-10 unlabelled 100000x96x96x3 = 2.6 GiB, Fashion-MNIST train 60000x28x28x1 = 45 MiB.
+Sources: TFDS datasets and image folders (`image_folder`). `load_split` loads a split
+into memory as uint8 NumPy, every process the whole split (CIFAR-10/100 train
+50000x32x32x3 = 147 MiB, STL-10 unlabelled 100000x96x96x3 = 2.6 GiB, Fashion-MNIST
+train 60000x28x28x1 = 45 MiB); `record_source` opens it for random access instead
+(TFDS ArrayRecord data sources, prepared image folders), which `streaming` reads batch by
+batch, each process only its slice (`rr_jax.inputs` chooses per config).
 
-Data order (`batches`): epoch e is the permutation `default_rng([seed, e])` of the
-examples; global batch b of epoch e is `perm[b*M:(b+1)*M]` (the remainder of an epoch is
-dropped), and process p of P takes the p-th contiguous slice of it. The order is thus a
-function of (seed, step) alone: P processes together see exactly the global batches that
-one process sees, and a run resumed at step s sees what an uninterrupted run saw from s.
+Data order, one contract for both (`batch_indices`): epoch e is the permutation
+`default_rng([seed, e])` of the examples; global batch b of epoch e is
+`perm[b*M:(b+1)*M]` (the remainder of an epoch is dropped), and process p of P takes the
+p-th contiguous slice of it. The order is thus a function of (seed, step) alone: P
+processes together see exactly the global batches that one process sees, and a run
+resumed at step s sees what an uninterrupted run saw from s, from either source.
 
 Offline Fashion-MNIST: when the TFDS dataset is not prepared and the original files are
 in `DatasetSpec.offline_dir` (by default where Debian's package `dataset-fashion-mnist`
