@@ -11,7 +11,7 @@ from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
 from PIL import Image
 
 from rr_jax import data, image_folder, inputs, streaming
-from rr_jax.config import base_config
+from rr_jax.config import base_config, validate_config
 
 CLASSES = sorted(WNIDS)  # label order: the sorted class folder names
 
@@ -250,3 +250,22 @@ def test_inputs_choose_the_source_by_config(tiny):
     config.data.streaming = "both"
     with pytest.raises(ValueError, match="'both'.*'auto', 'stream', 'memory'"):
         inputs.streams(config, spec, "train")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"dataset": "tiny_imagenet"}, r"config.image_folder=None.*tiny-imagenet-200.zip"),
+    ({"image_folder": "/data/tree"}, r"config.image_folder='/data/tree'.*'cifar10' is not an image folder"),
+    ({"data.streaming": "yes"}, r"config.data.streaming='yes'.*'auto', 'stream', 'memory'"),
+    ({"data.read_threads": 0}, r"config.data.read_threads=0"),
+    ({"data.image_size": -4}, r"config.data.image_size=-4"),
+])
+def test_bad_data_configs_raise(overrides, match):
+    config = base_config()
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        target = config
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    with pytest.raises(ValueError, match=match):
+        validate_config(config, device_count=1)
