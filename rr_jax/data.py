@@ -580,13 +580,11 @@ def load_split(
         message says how to get it.
       ValueError: the dataset does not match `spec`.
     """
-    if spec.folder_layout is None:
-        builder = _checked_builder(spec, data_dir, download)
-        random_access = (builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
-                         or tuple(builder.info.features["image"].shape) != spec.image_shape)
-    if spec.folder_layout is not None or random_access:
+    builder = None if spec.folder_layout is not None else _checked_builder(spec, data_dir, download)
+    if builder is None or (builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+                           or tuple(builder.info.features["image"].shape) != spec.image_shape):
         images, labels = _read_all(record_source(spec, split, data_dir, download=download), spec.image_shape, read_threads)
-        where = spec.image_folder or builder.data_dir
+        where = spec.image_folder if builder is None else builder.data_dir
     else:
         ds = builder.as_dataset(split=split, shuffle_files=False)
         n = int(ds.cardinality())

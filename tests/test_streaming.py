@@ -269,3 +269,20 @@ def test_bad_data_configs_raise(overrides, match):
         target[last] = value
     with pytest.raises(ValueError, match=match):
         validate_config(config, device_count=1)
+
+
+def test_imagenet_config_is_valid_and_missing_files_say_where_to_put_them(tmp_path):
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location(
+        "imagenet", os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config()
+    validate_config(config, device_count=8)
+    assert (config.model.backbone, config.data.streaming) == ("resnet50", "stream")
+    spec = inputs.dataset_spec(config)
+    assert spec.image_shape == (224, 224, 3) and spec.num_classes == 1000
+    manual = os.path.join(str(tmp_path), "downloads", "manual")
+    with pytest.raises(FileNotFoundError, match=f"ILSVRC2012_img_train.tar.*{manual}"):
+        data.record_source(spec, "train", str(tmp_path))
