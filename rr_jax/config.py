@@ -13,10 +13,12 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from rr_jax import image_folder
 from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
-from rr_jax.data import DATASETS, get_dataset_spec
+from rr_jax.data import DATASETS
 from rr_jax.errors import ConfigError
+from rr_jax.inputs import STREAMING
 from rr_jax.objectives import OBJECTIVES, config_error, get_objective
 
 OPTIMIZERS = ("adam", "sgd")
@@ -30,6 +32,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = "cifar10"
     config.data_dir = config_dict.placeholder(str)  # None: TFDS's default directory
     config.pretrain_split = config_dict.placeholder(str)  # None: the dataset's, e.g. 'train[:10%]'
+    # Image-folder datasets (tiny_imagenet, slimagenet64, image_folder): the tree's root.
+    config.image_folder = config_dict.placeholder(str)
+
+    # Input pipeline (rr_jax.inputs): 'memory' loads the split into every process, 'stream'
+    # reads each process's slice of every batch with Grain, 'auto' streams splits larger
+    # than in_memory_limit_mib that can be read by random access.
+    config.data = ml_collections.ConfigDict()
+    config.data.streaming = "auto"
+    config.data.in_memory_limit_mib = 1024
+    config.data.image_size = config_dict.placeholder(int)  # square side; None: the dataset's
+    config.data.mean = config_dict.placeholder(tuple)  # per channel in [0, 1]; None: the dataset's
+    config.data.std = config_dict.placeholder(tuple)
+    config.data.read_threads = 4  # host threads reading and decoding (streaming, image folders)
+    config.data.prefetch_steps = 8  # streamed batches kept ready ahead of the step
     config.method = "relational"  # a name of rr_jax.objectives.OBJECTIVES
     config.seed = 0
     config.batch_size = 64  # global M: images per step over all devices
@@ -122,12 +138,22 @@ def validate_config(
             _choice(config, key, allowed)
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
                 "log_every_steps", "probe.epochs",
-                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k"):
+                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k",
+                "data.in_memory_limit_mib", "data.read_threads", "data.prefetch_steps"):
         value = config
         for part in key.split("."):
             value = value[part]
         if not isinstance(value, int) or value < 1:
             _fail(key, value, "it must be a positive integer")
+    _choice(config, "data.streaming", STREAMING)
+    if config.data.image_size is not None and config.data.image_size < 1:
+        _fail("data.image_size", config.data.image_size, "it must be a positive integer or None (the dataset's)")
+    layout = next(iter(DATASETS[config.dataset].values())).folder_layout
+    if layout is not None and not config.image_folder:
+        _fail("image_folder", config.image_folder,
+              f"dataset {config.dataset!r} is read from an image folder. " + image_folder.how_to_get(layout))
+    if layout is None and config.image_folder:
+        _fail("image_folder", config.image_folder, f"dataset {config.dataset!r} is not an image folder; leave it None")
     if config.max_steps is not None and config.max_steps < 1:
         _fail("max_steps", config.max_steps, "it must be a positive integer or None (no cap)")
     if config.optimizer.learning_rate is not None and config.optimizer.learning_rate <= 0:
@@ -158,7 +184,7 @@ def validate_config(
         AugmentConfig(**config.augment.to_dict())
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config.augment is not allowed: {error}") from None
-    split = config.pretrain_split or get_dataset_spec(config.dataset).pretrain_split
+    split = config.pretrain_split or next(iter(DATASETS[config.dataset].values())).pretrain_split
     if objective.needs_labels and split.split("[")[0] == "unlabelled":
         _fail("method", config.method,
               f"it trains on labels, and the pretraining split {split!r} has none; "

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rr_jax import data
+from rr_jax import data, inputs
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
@@ -348,9 +348,9 @@ def pretrain(
 
 def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config_change: Sequence[str]) -> TrainState:
     workdir = run.workdir
-    spec = data.get_dataset_spec(config.dataset)
-    images, labels = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
-    steps_per_epoch = data.steps_per_epoch(len(images), config.batch_size)
+    spec = inputs.dataset_spec(config)
+    num_examples = data.split_size(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
+    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -358,13 +358,11 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     objective = make_objective(config, spec)
     if not objective.trains:  # random weights, the lower bound: the probe sees the initial weights
         total_steps = 0
-    if objective.batch_labels == "index":  # the step reads per-example state by index
-        labels = np.arange(len(images), dtype=np.int32)
     backbone = make_backbone(config)
     optimizer = make_optimizer(config, total_steps)
     state = create_train_state(
         jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
-        objective=objective, num_classes=spec.num_classes, num_examples=len(images),
+        objective=objective, num_classes=spec.num_classes, num_examples=num_examples,
     )
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
     state, start = _restore(checkpointer, state, config, allow_config_change, run.primary)
@@ -376,11 +374,10 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     _log_run(config, state, spec, steps_per_epoch, total_steps, objective)
 
     step_fn = parallel_train_step(backbone=backbone, optimizer=optimizer, objective=objective)
-    epoch_hook = _epoch_hook(config, spec, objective, images) if objective.has_epoch_hook else None
+    epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
     batches = data.prefetch_to_devices(
-        data.batches(
-            images, labels, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start, process_index=jax.process_index(),
+        inputs.pretrain_batches(
+            config, spec, start_step=start, process_index=jax.process_index(),
             process_count=jax.process_count(), local_device_count=jax.local_device_count(),
         )
     )
@@ -440,10 +437,12 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
 
 
 def _epoch_hook(
-    config: ml_collections.ConfigDict, spec: data.DatasetSpec, objective: Objective, images: np.ndarray
+    config: ml_collections.ConfigDict, spec: data.DatasetSpec, objective: Objective
 ) -> Callable[[int, TrainState], TrainState]:
-    """`objective.start_epoch` with the eval-mode features of the pretraining split."""
+    """`objective.start_epoch` with the eval-mode features of the pretraining split (held
+    in memory: such objectives cluster the whole split every epoch)."""
     backbone = make_backbone(config, axis_name=None)
+    images, _ = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
 
     def features(state: TrainState) -> np.ndarray:
         variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}

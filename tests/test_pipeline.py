@@ -1,5 +1,6 @@
 """End to end: configs/cifar10.py on mocked TFDS data, checkpoints, resume, preemption."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import mocked_tfds, numpy_knn_top1
+from image_trees import slimagenet_tree, tiny_imagenet_tree
 
 from rr_jax import data, linear_probe, train
 from rr_jax.checkpoint import Checkpointer
@@ -79,15 +81,24 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
     )
 
 
-def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile):
-    def config():
-        return tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=4, **{
-            "model.backbone": "conv4", "checkpoint.every_steps": 100})
+@pytest.mark.parametrize("source", ["memory", "stream"])
+def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile, source):
+    if source == "memory":  # CIFAR-10 (mocked TFDS) held in memory
+        dataset, context = "cifar10", mocked_tfds(tmp_path / "tfds", 64)
+        extra = {}
+    else:  # a tiny-ImageNet tree (24 images: one step per epoch) streamed with Grain
+        dataset, context = "tiny_imagenet", contextlib.nullcontext()
+        extra = {"image_folder": tiny_imagenet_tree(str(tmp_path / "folders"), per_class=8),
+                 "data.streaming": "stream"}
 
-    with mocked_tfds(tmp_path / "tfds", 64):
+    def config():
+        return tiny(load_config(dataset), tmp_path / "tfds", max_steps=4, **{
+            "model.backbone": "conv4", "checkpoint.every_steps": 100, **extra})
+
+    with context:
         reference = train.pretrain(config(), str(tmp_path / "straight"))
 
-        real_batches = train.data.batches
+        real_batches = train.inputs.pretrain_batches
 
         def preempted_batches(*args, **kwargs):
             for step, batch in enumerate(real_batches(*args, **kwargs), start=kwargs["start_step"] + 1):
@@ -95,16 +106,27 @@ def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fa
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
 
-        monkeypatch.setattr(train.data, "batches", preempted_batches)
+        monkeypatch.setattr(train.inputs, "pretrain_batches", preempted_batches)
         with pytest.raises(Preempted) as stopped:
             train.pretrain(config(), str(tmp_path / "resumed"))
         assert 1 <= stopped.value.step < 4  # saved and stopped early
         assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [stopped.value.step]
-        monkeypatch.setattr(train.data, "batches", real_batches)
+        monkeypatch.setattr(train.inputs, "pretrain_batches", real_batches)
         resumed = train.pretrain(config(), str(tmp_path / "resumed"))
     assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)  # bitwise on CPU
+
+
+def test_slimagenet64_config_trains_on_its_tree(tmp_path, fast_compile):
+    root = slimagenet_tree(str(tmp_path / "folders"), per_class=(8, 2))
+    config = tiny(load_config("slimagenet64"), tmp_path / "tfds", max_steps=2, image_folder=root, **{
+        "model.backbone": "conv4"})
+    assert (config.model.backbone, config.relational.num_views) == ("conv4", 2)
+    state = train.pretrain(config, str(tmp_path / "run"))
+    assert int(state.step) == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

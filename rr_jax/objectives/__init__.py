@@ -52,8 +52,6 @@ class Objective:
       name: the registry name (`--config.method=NAME`).
       optimizer: defaults for unset `config.optimizer` fields.
       trains: False for a method that takes no step (random weights).
-      batch_labels: 'class' (the dataset's labels reach the step as batch['label']) or
-        'index' (the example's index in the pretraining split, for per-example state).
       has_epoch_hook: `start_epoch` must run at every epoch boundary.
       needs_labels: the loss reads the dataset's class labels (refused on a split without).
 
@@ -65,7 +63,6 @@ class Objective:
     name: ClassVar[str] = ""
     optimizer: ClassVar[OptimizerDefaults] = OptimizerDefaults()
     trains: ClassVar[bool] = True
-    batch_labels: ClassVar[str] = "class"
     has_epoch_hook: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
 

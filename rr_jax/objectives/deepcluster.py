@@ -150,7 +150,6 @@ class DeepCluster(Objective):
     augment (CropFlip with padding H/8)."""
 
     name = "deepcluster"
-    batch_labels = "index"
     has_epoch_hook = True
     augment: CropFlip = CropFlip(padding=0)
     num_clusters: int = 100
@@ -181,7 +180,7 @@ class DeepCluster(Objective):
 
     def inputs(self, key, batch, objective_state):
         views = crop_flip_views(key, batch["image"], 1, self.augment)
-        return views, objective_state["assignments"][batch["label"]]
+        return views, objective_state["assignments"][batch["index"]]
 
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return ClusterHead(self.num_clusters).init(key, jnp.zeros((2, features.shape[-1])), train=False)
