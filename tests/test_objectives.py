@@ -293,7 +293,7 @@ def test_eight_device_step_equals_one_device_step(method, fast_compile):
     if objective_state is not None:
         state = state.replace(objective_state=objective_state)
     batch = {"image": jax.random.randint(jax.random.key(1), (16, 16, 16, 3), 0, 256).astype(jnp.uint8),
-             "label": jnp.arange(16, dtype=jnp.int32)}
+             "label": jnp.arange(16, dtype=jnp.int32) % 4, "index": jnp.arange(16, dtype=jnp.int32)}
     one_state, one_metrics = jax.jit(lambda s, b: train.train_step(
         s, b, backbone=train.make_backbone(config, axis_name=None), optimizer=optimizer, objective=objective))(
         state, batch)
