@@ -26,14 +26,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from rr_jax import data
-from rr_jax.augment import AugmentConfig, augment_views
+from rr_jax import data, online_probe
+from rr_jax.augment import AugmentConfig, augment_views, normalize_images
 from rr_jax.backbones import create_backbone
 from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
-from rr_jax.evaluate import knn_accuracy
-from rr_jax.linear_probe import extract_features
+from rr_jax.features import feature_dim
+from rr_jax.monitors import Monitors, with_labelled_batches
 from rr_jax.observe import MetricsLog, ProgressBar
 from rr_jax.relational import init_relation_head, relational_loss
 
@@ -46,7 +46,8 @@ class TrainState:
 
     params / batch_stats: {'backbone': ..., 'head': ...}; rng: uint32 key data of the
     run's base key (step keys are derived from it and the step, so a resumed run draws
-    exactly the keys an uninterrupted one would).
+    exactly the keys an uninterrupted one would). online_probe: the online linear
+    probe's params and optimizer state (`rr_jax.online_probe`), None when it is off.
     """
 
     step: jax.Array
@@ -54,6 +55,7 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    online_probe: online_probe.OnlineProbeState | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +215,7 @@ def train_step(
     options: ObjectiveOptions,
     num_classes: int = 10,
     axis_name: str | None = None,
+    probe_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One pretraining step on {'image': uint8[B, H, W, C], 'label': int[B]}; pure.
 
@@ -221,7 +224,10 @@ def train_step(
     an optimizer step. Under `axis_name`, gradients, metrics and BatchNorm statistics
     are averaged over devices and each device augments with its own key; the negatives'
     key is shared so that `global_negatives` draws one derangement of the whole batch.
-    Labels are used by 'supervised' only.
+    Labels are used by 'supervised' and the online probe only: with `state.online_probe`
+    set, `probe_optimizer` takes one step of it on the stop-gradient eval-mode features of
+    the batch's unaugmented images (of 'probe_image' / 'probe_label' when the batch
+    carries those, labelled images alongside an unlabelled split).
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     augment_key, pair_key = jax.random.split(step_key)
@@ -257,6 +263,18 @@ def train_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    if state.online_probe is not None:
+        if probe_optimizer is None:
+            raise ValueError("The state holds an online probe: pass probe_optimizer (rr_jax.online_probe.make_optimizer).")
+        images = normalize_images(batch.get("probe_image", batch["image"]), mean=augment.mean, std=augment.std)
+        probe_features = backbone.apply(
+            {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}, images, train=False
+        )
+        probe_state, probe_metrics = online_probe.update(
+            state.online_probe, jax.lax.stop_gradient(probe_features), batch.get("probe_label", batch["label"]),
+            optimizer=probe_optimizer, axis_name=axis_name,
+        )
+        new_state, metrics = new_state.replace(online_probe=probe_state), {**metrics, **probe_metrics}
     return new_state, metrics
 
 
@@ -291,37 +309,6 @@ def unreplicate(tree: Any) -> Any:
 
 def _all_finite(tree: Any) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
-
-
-def knn_monitor(
-    config: ml_collections.ConfigDict, spec: data.DatasetSpec
-) -> Callable[[TrainState], float] | None:
-    """The online monitor of `config.knn_monitor`: a function of an unreplicated state
-    giving the weighted kNN top-1 accuracy of its backbone (eval mode) on the first
-    `num_test` test images against the first `num_train` training images; None when off.
-    """
-    monitor = config.knn_monitor
-    if not monitor.every_steps:
-        return None
-    bank_images, bank_labels = (
-        a[: monitor.num_train] for a in data.load_split(spec, spec.train_split, config.data_dir)
-    )
-    test_images, test_labels = (
-        a[: monitor.num_test] for a in data.load_split(spec, spec.test_split, config.data_dir)
-    )
-    backbone = make_backbone(config, axis_name=None)
-    features = functools.partial(extract_features, backbone, mean=spec.mean, std=spec.std)
-    logging.info("kNN monitor every %d steps: %d test images against %d training images of %s.",
-                 monitor.every_steps, len(test_labels), len(bank_labels), spec.tfds_name)
-
-    def accuracy(state: TrainState) -> float:
-        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
-        return knn_accuracy(
-            features(variables, bank_images), bank_labels, features(variables, test_images),
-            test_labels, spec.num_classes, k=monitor.k, temperature=monitor.temperature,
-        )["top1"]
-
-    return accuracy
 
 
 class _Preemption:
@@ -361,6 +348,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
         options=options, hidden_dim=config.relational.hidden_dim, num_classes=spec.num_classes,
     )
+    if config.online_probe.every_steps:
+        dim = feature_dim(backbone, {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                          spec.image_shape)
+        probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        state = state.replace(online_probe=online_probe.init(
+            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate)))
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
     start = checkpointer.latest_step() or 0
     if start:
@@ -371,16 +364,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     step_fn = parallel_train_step(
         backbone=backbone, optimizer=optimizer, options=options, num_classes=spec.num_classes,
         augment=make_augment_config(config, spec),
+        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate),
     )
-    batches = data.prefetch_to_devices(
-        data.batches(
-            images, labels, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start, process_index=jax.process_index(),
-            process_count=jax.process_count(), local_device_count=jax.local_device_count(),
-        )
-    )
+    layout = dict(global_batch_size=config.batch_size, seed=config.seed, start_step=start,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  local_device_count=jax.local_device_count())
+    batches = data.batches(images, labels, **layout)
+    if state.online_probe is not None and np.any(labels < 0):  # e.g. STL-10 'unlabelled'
+        train_images, train_labels = data.load_split(spec, spec.train_split, config.data_dir)
+        batches = with_labelled_batches(batches, data.batches(train_images, train_labels, **layout))
+    batches = data.prefetch_to_devices(batches)
     metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    monitor = knn_monitor(config, spec) if jax.process_index() == 0 else None
+    monitors = Monitors(config, spec, make_backbone(config, axis_name=None)) if jax.process_index() == 0 else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
 
@@ -413,10 +408,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 metrics_log.write(step, record)
                 progress.update(step, record)
                 pending, window_start = [], time.perf_counter()
-            if monitor is not None and (step % config.knn_monitor.every_steps == 0 or last):
-                knn_top1 = monitor(unreplicate(replicated))
-                metrics_log.write(step, {"knn_top1": knn_top1})
-                logging.info("Step %d: kNN top-1 %.2f%%.", step, 100 * knn_top1)
+            if monitors is not None and monitors.due(step, last):
+                host_state = unreplicate(replicated)
+                scalars = monitors(step, {"params": host_state.params["backbone"],
+                                          "batch_stats": host_state.batch_stats["backbone"]},
+                                   host_state.online_probe, last)
+                metrics_log.write(step, scalars)
+                progress.update(step, scalars)
+                logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
             if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
                 save(step)
             if preemption.requested:
