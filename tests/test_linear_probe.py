@@ -108,7 +108,10 @@ def test_evaluate_run_writes_knn_retrieval_and_pictures(pretrained):
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     nearest = np.argsort(-unit(queries) @ unit(bank).T, axis=1)[:, :10]
     assert results["precision_at_10"] == pytest.approx(np.mean(train_y[nearest] == test_y[:, None]))
-    for picture in ("retrieval.png", "tsne.png"):
+    singular = np.linalg.svd(queries.astype(np.float64), compute_uv=False)
+    p = singular / singular.sum() + 1e-7
+    assert results["rankme"] == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-4)
+    for picture in ("retrieval.png", "tsne.png", "curves.png"):  # curves: the run's metrics.jsonl
         assert (workdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
