@@ -7,7 +7,7 @@ import pytest
 
 from rr_jax import online_probe, train
 from rr_jax.augment import AugmentConfig
-from rr_jax.config import base_config
+from rr_jax.config import base_config, validate_config
 from rr_jax.monitors import with_labelled_batches
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -150,3 +150,15 @@ def test_a_state_with_a_probe_needs_its_optimizer(step_setup):
 def test_init_rejects_bad_sizes(dim, classes):
     with pytest.raises(ValueError, match="feature_dim and num_classes must be positive ints"):
         online_probe.init(jax.random.key(0), dim, classes, online_probe.make_optimizer(1e-3))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("every_steps", -1, "config.online_probe.every_steps=-1 is not allowed: it must be an integer >= 0"),
+    ("num_test", 0, "config.online_probe.num_test=0 is not allowed: it must be a positive integer"),
+    ("learning_rate", 0.0, "config.online_probe.learning_rate=0.0 is not allowed: it must be > 0"),
+])
+def test_config_errors(key, value, match):
+    config = base_config()
+    config.online_probe[key] = value
+    with pytest.raises(ValueError, match=match):
+        validate_config(config)
