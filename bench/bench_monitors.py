@@ -48,7 +48,8 @@ def main():
 
     backbone = train.make_backbone(config)
     optimizer = train.make_optimizer(config, total_steps=1)
-    probe_optimizer = online_probe.make_optimizer(config.online_probe.learning_rate)
+    total_steps = data.steps_per_epoch(60000, config.batch_size) * config.num_epochs  # the study run's 937
+    probe_optimizer = online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)
     state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape,
                                      options=train.objective_options(config))
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}

@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.online_probe = ml_collections.ConfigDict()
     config.online_probe.every_steps = 0
     config.online_probe.num_test = 10000
-    config.online_probe.learning_rate = 3e-2  # Adam; see RESULTS.md (online probe)
+    config.online_probe.learning_rate = 0.1  # Adam, cosine-decayed to 0 over the run; see RESULTS.md
 
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True  # launch.py runs the linear probe after pretraining

@@ -63,9 +63,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    """Adam at `learning_rate` (one object per rate: a stable static jit argument)."""
-    return optax.adam(learning_rate)
+def make_optimizer(learning_rate: float, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam at `learning_rate`, cosine-decayed to 0 over `total_steps` updates (None:
+    constant). One object per arguments: a stable static jit argument."""
+    if total_steps is None:
+        return optax.adam(learning_rate)
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1)))
 
 
 @flax.struct.dataclass

@@ -353,7 +353,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                           spec.image_shape)
         probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
         state = state.replace(online_probe=online_probe.init(
-            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate)))
+            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)))
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
     start = checkpointer.latest_step() or 0
     if start:
@@ -364,7 +364,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     step_fn = parallel_train_step(
         backbone=backbone, optimizer=optimizer, options=options, num_classes=spec.num_classes,
         augment=make_augment_config(config, spec),
-        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate),
+        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
     )
     layout = dict(global_batch_size=config.batch_size, seed=config.seed, start_step=start,
                   process_index=jax.process_index(), process_count=jax.process_count(),

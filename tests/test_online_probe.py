@@ -16,15 +16,16 @@ MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 AUGMENT = AugmentConfig(mean=MEAN, std=STD)
 
 
-def numpy_adam_probe(features, labels, kernel, bias, learning_rate, steps):
-    """Softmax regression trained by full-batch Adam (optax's defaults), in NumPy.
+def numpy_adam_probe(features, labels, kernel, bias, learning_rates):
+    """Softmax regression trained by full-batch Adam (optax's defaults) with learning
+    rate learning_rates[t] at step t, in NumPy.
     Returns (kernel, bias, [(loss, accuracy) before each step])."""
     b1, b2, eps = 0.9, 0.999, 1e-8
     params = [kernel.astype(np.float64), bias.astype(np.float64)]
     moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
     onehot = np.eye(kernel.shape[1])[labels]
     history = []
-    for t in range(1, steps + 1):
+    for t, learning_rate in enumerate(learning_rates, start=1):
         logits = features @ params[0] + params[1]
         logits = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -38,11 +39,13 @@ def numpy_adam_probe(features, labels, kernel, bias, learning_rate, steps):
     return params[0], params[1], history
 
 
-def test_update_is_adam_on_the_softmax_cross_entropy():
+@pytest.mark.parametrize("total_steps", [None, 4])
+def test_update_is_adam_on_the_softmax_cross_entropy(total_steps):
+    """Constant rate, and a cosine decay to 0 over 4 steps: 0.05 * (1 + cos(pi t / 4)) / 2."""
     rng = np.random.default_rng(0)
     features = rng.normal(size=(48, 6)).astype(np.float32)
     labels = rng.integers(0, 5, 48)
-    optimizer = online_probe.make_optimizer(0.05)
+    optimizer = online_probe.make_optimizer(0.05, total_steps)
     state = online_probe.init(jax.random.key(0), 6, 5, optimizer)
     kernel, bias = (np.asarray(state.params["dense"][k]) for k in ("kernel", "bias"))
     assert np.abs(kernel).max() <= 1 / np.sqrt(6) and np.abs(bias).max() <= 1 / np.sqrt(6)  # nn.Linear init
@@ -51,7 +54,8 @@ def test_update_is_adam_on_the_softmax_cross_entropy():
     for _ in range(3):
         state, m = update(state, features, labels)
         metrics.append((float(m["online_probe_loss"]), float(m["online_probe_train_top1"])))
-    expected_kernel, expected_bias, history = numpy_adam_probe(features, labels, kernel, bias, 0.05, 3)
+    rates = [0.05] * 3 if total_steps is None else [0.025 * (1 + np.cos(np.pi * t / 4)) for t in range(3)]
+    expected_kernel, expected_bias, history = numpy_adam_probe(features, labels, kernel, bias, rates)
     np.testing.assert_allclose(state.params["dense"]["kernel"], expected_kernel, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(state.params["dense"]["bias"], expected_bias, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics, history, rtol=1e-5)
