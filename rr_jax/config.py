@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from rr_jax import image_folder
+from rr_jax import data, image_folder
 from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
 from rr_jax.data import DATASETS
@@ -97,6 +97,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.knn_monitor.k = 20
     config.knn_monitor.temperature = 0.07
 
+    # Online linear probe: a linear classifier trained inside every pretraining step on
+    # stop-gradient eval-mode features of the batch's images and labels (of the labelled
+    # train split, batched alongside, when the pretraining split has no labels); its top-1
+    # on the first num_test test images goes to metrics.jsonl as 'online_probe_top1' every
+    # every_steps steps and at the end; 0 turns it off.
+    config.online_probe = ml_collections.ConfigDict()
+    config.online_probe.every_steps = 0
+    config.online_probe.num_test = 10000
+    config.online_probe.learning_rate = 0.1  # Adam, cosine-decayed to 0 over the run; see RESULTS.md
+
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True  # launch.py runs the linear probe after pretraining
     config.probe.epochs = 100
@@ -138,7 +148,7 @@ def validate_config(
             _choice(config, key, allowed)
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
                 "log_every_steps", "probe.epochs",
-                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k",
+                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k", "online_probe.num_test",
                 "data.in_memory_limit_mib", "data.read_threads", "data.prefetch_steps"):
         value = config
         for part in key.split("."):
@@ -158,9 +168,12 @@ def validate_config(
         _fail("max_steps", config.max_steps, "it must be a positive integer or None (no cap)")
     if config.optimizer.learning_rate is not None and config.optimizer.learning_rate <= 0:
         _fail("optimizer.learning_rate", config.optimizer.learning_rate, "it must be > 0 or None (the method's default)")
-    every = config.knn_monitor.every_steps
-    if not isinstance(every, int) or every < 0:
-        _fail("knn_monitor.every_steps", every, "it must be an integer >= 0 (0: off)")
+    for key in ("knn_monitor.every_steps", "online_probe.every_steps"):
+        every = config[key.split(".")[0]].every_steps
+        if not isinstance(every, int) or every < 0:
+            _fail(key, every, "it must be an integer >= 0 (0: off)")
+    if not config.online_probe.learning_rate > 0:
+        _fail("online_probe.learning_rate", config.online_probe.learning_rate, "it must be > 0")
     if config.knn_monitor.k > config.knn_monitor.num_train:
         _fail("knn_monitor.k", config.knn_monitor.k,
               f"it must be <= knn_monitor.num_train={config.knn_monitor.num_train}")
@@ -185,7 +198,7 @@ def validate_config(
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config.augment is not allowed: {error}") from None
     split = config.pretrain_split or next(iter(DATASETS[config.dataset].values())).pretrain_split
-    if objective.needs_labels and split.split("[")[0] == "unlabelled":
+    if objective.needs_labels and not data.has_labels(split):
         _fail("method", config.method,
               f"it trains on labels, and the pretraining split {split!r} has none; "
               "set config.pretrain_split to a labelled split (e.g. 'train')")

@@ -485,6 +485,11 @@ def supports_random_access(spec: DatasetSpec, data_dir: str | None = None) -> bo
     return not builder.is_prepared() or builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
 
 
+def has_labels(split: str) -> bool:
+    """Whether a split carries labels: every split but TFDS STL-10's "unlabelled" (-1)."""
+    return split.split("[")[0] != "unlabelled"
+
+
 def split_size(spec: DatasetSpec, split: str, data_dir: str | None = None, *, download: bool = True) -> int:
     """Number of examples of a split (e.g. "train[:10%]"), from metadata; prepares the
     dataset if needed but reads no images."""

@@ -70,13 +70,15 @@ def pretrain_batches(
     process_index: int,
     process_count: int,
     local_device_count: int,
+    split: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's pretraining batches from `start_step` on, in memory or streamed.
+    """This process's pretraining batches from `start_step` on, in memory or streamed,
+    of `split` (default: the config's pretraining split).
 
     Yields {"image": uint8[L, B, H, W, C], "label": int32[L, B]}, B = M / (P * L),
     M = config.batch_size; step s is the same batch either way (`data.batch_indices`).
     """
-    split = config.pretrain_split or spec.pretrain_split
+    split = split or config.pretrain_split or spec.pretrain_split
     order = dict(global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
                  process_index=process_index, process_count=process_count, local_device_count=local_device_count)
     if streams(config, spec, split):

@@ -24,13 +24,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from rr_jax import data, inputs
+from rr_jax import data, inputs, online_probe
+from rr_jax.augment import normalize_images
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
 from rr_jax.errors import Preempted, ResumeError
-from rr_jax.evaluate import knn_accuracy
-from rr_jax.linear_probe import extract_features
+from rr_jax.features import extract_features, feature_dim
+from rr_jax.monitors import Monitors, with_labelled_batches
 from rr_jax.objectives import Objective, get_objective
 from rr_jax.observe import MetricsLog, ProgressBar
 from rr_jax.run_dir import HEAD_FIELDS, WEIGHT_FIELDS, RunDirectory, check_resumable
@@ -45,7 +46,8 @@ class TrainState:
     params / batch_stats: {'backbone': ..., 'head': ...}; rng: uint32 key data of the
     run's base key (step keys are derived from it and the step, so a resumed run draws
     exactly the keys an uninterrupted one would); objective_state: what the objective
-    carries between steps ({} for most; DeepCluster's clusters).
+    carries between steps ({} for most; DeepCluster's clusters); online_probe: the online
+    linear probe's params and optimizer state (`rr_jax.online_probe`), None when it is off.
     """
 
     step: jax.Array
@@ -54,6 +56,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     objective_state: Any
+    online_probe: online_probe.OnlineProbeState | None = None
 
 
 def make_objective(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> Objective:
@@ -138,6 +141,7 @@ def train_step(
     optimizer: optax.GradientTransformation,
     objective: Objective,
     axis_name: str | None = None,
+    probe_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One pretraining step on {'image': uint8[B, H, W, C], 'label': int[B]}; pure.
 
@@ -147,6 +151,10 @@ def train_step(
     device augments with its own key; the loss's key is shared when the objective asks
     for it (e.g. one derangement of the whole batch). Metrics are device means, except
     counts (names starting with 'num_', e.g. 'num_pairs'), which are totals over devices.
+    With `state.online_probe` set, `probe_optimizer` takes one step of the online probe on
+    the stop-gradient eval-mode features of the batch's unaugmented images (of
+    'probe_image' / 'probe_label' when the batch carries those: labelled images
+    alongside an unlabelled split).
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     augment_key, loss_key = jax.random.split(step_key)
@@ -187,6 +195,19 @@ def train_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    if state.online_probe is not None:
+        if probe_optimizer is None:
+            raise ValueError("The state holds an online probe: pass probe_optimizer (rr_jax.online_probe.make_optimizer).")
+        images = normalize_images(batch.get("probe_image", batch["image"]),
+                                  mean=objective.augment.mean, std=objective.augment.std)
+        probe_features = backbone.apply(
+            {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}, images, train=False
+        )
+        probe_state, probe_metrics = online_probe.update(
+            state.online_probe, jax.lax.stop_gradient(probe_features), batch.get("probe_label", batch["label"]),
+            optimizer=probe_optimizer, axis_name=axis_name,
+        )
+        new_state, metrics = new_state.replace(online_probe=probe_state), {**metrics, **probe_metrics}
     return new_state, metrics
 
 
@@ -221,37 +242,6 @@ def unreplicate(tree: Any) -> Any:
 
 def _all_finite(tree: Any) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
-
-
-def knn_monitor(
-    config: ml_collections.ConfigDict, spec: data.DatasetSpec
-) -> Callable[[TrainState], float] | None:
-    """The online monitor of `config.knn_monitor`: a function of an unreplicated state
-    giving the weighted kNN top-1 accuracy of its backbone (eval mode) on the first
-    `num_test` test images against the first `num_train` training images; None when off.
-    """
-    monitor = config.knn_monitor
-    if not monitor.every_steps:
-        return None
-    bank_images, bank_labels = (
-        a[: monitor.num_train] for a in data.load_split(spec, spec.train_split, config.data_dir)
-    )
-    test_images, test_labels = (
-        a[: monitor.num_test] for a in data.load_split(spec, spec.test_split, config.data_dir)
-    )
-    backbone = make_backbone(config, axis_name=None)
-    features = functools.partial(extract_features, backbone, mean=spec.mean, std=spec.std)
-    logging.info("kNN monitor every %d steps: %d test images against %d training images of %s.",
-                 monitor.every_steps, len(test_labels), len(bank_labels), spec.tfds_name)
-
-    def accuracy(state: TrainState) -> float:
-        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
-        return knn_accuracy(
-            features(variables, bank_images), bank_labels, features(variables, test_images),
-            test_labels, spec.num_classes, k=monitor.k, temperature=monitor.temperature,
-        )["top1"]
-
-    return accuracy
 
 
 class _Preemption:
@@ -349,7 +339,8 @@ def pretrain(
 def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config_change: Sequence[str]) -> TrainState:
     workdir = run.workdir
     spec = inputs.dataset_spec(config)
-    num_examples = data.split_size(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
+    split = config.pretrain_split or spec.pretrain_split
+    num_examples = data.split_size(spec, split, config.data_dir)
     steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -364,6 +355,12 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
         jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
         objective=objective, num_classes=spec.num_classes, num_examples=num_examples,
     )
+    if config.online_probe.every_steps:
+        dim = feature_dim(backbone, {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                          spec.image_shape)
+        probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        state = state.replace(online_probe=online_probe.init(
+            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)))
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
     state, start = _restore(checkpointer, state, config, allow_config_change, run.primary)
     if start:
@@ -373,15 +370,18 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     run.write_config(config.to_dict())
     _log_run(config, state, spec, steps_per_epoch, total_steps, objective)
 
-    step_fn = parallel_train_step(backbone=backbone, optimizer=optimizer, objective=objective)
-    epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
-    batches = data.prefetch_to_devices(
-        inputs.pretrain_batches(
-            config, spec, start_step=start, process_index=jax.process_index(),
-            process_count=jax.process_count(), local_device_count=jax.local_device_count(),
-        )
+    step_fn = parallel_train_step(
+        backbone=backbone, optimizer=optimizer, objective=objective,
+        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
     )
-    monitor = knn_monitor(config, spec) if run.primary else None
+    epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
+    layout = dict(start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+                  local_device_count=jax.local_device_count())
+    batches = inputs.pretrain_batches(config, spec, **layout)
+    if state.online_probe is not None and not data.has_labels(split):  # e.g. STL-10 'unlabelled'
+        batches = with_labelled_batches(batches, inputs.pretrain_batches(config, spec, split=spec.train_split, **layout))
+    batches = data.prefetch_to_devices(batches)
+    monitors = Monitors(config, spec, make_backbone(config, axis_name=None)) if run.primary else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
 
@@ -419,10 +419,14 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
                     metrics_log.write(step, record)
                     progress.update(step, record)
                     pending, window_start = [], time.perf_counter()
-                if monitor is not None and (step % config.knn_monitor.every_steps == 0 or last):
-                    knn_top1 = monitor(unreplicate(replicated))
-                    metrics_log.write(step, {"knn_top1": knn_top1})
-                    logging.info("Step %d: kNN top-1 %.2f%%.", step, 100 * knn_top1)
+                if monitors is not None and monitors.due(step, last):
+                    host_state = unreplicate(replicated)
+                    scalars = monitors(step, {"params": host_state.params["backbone"],
+                                              "batch_stats": host_state.batch_stats["backbone"]},
+                                       host_state.online_probe, last)
+                    metrics_log.write(step, scalars)
+                    progress.update(step, scalars)
+                    logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
                 if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
                     save(step)
                 if preemption.requested:

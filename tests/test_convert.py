@@ -20,7 +20,7 @@ from rr_jax import convert
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.errors import InputFileError
-from rr_jax.linear_probe import load_backbone
+from rr_jax.features import restore_backbone
 from rr_jax.relational import RelationHead, init_relation_head
 
 # name -> (blocks per stage, widths, ImageNet stem); conv4 is separate.
@@ -157,7 +157,8 @@ def test_converted_backbone_reproduces_pytorch_features(torch, tmp_path, name):
     save_official(torch, tmp_path / "official.tar", model)
     convert.from_torch(str(tmp_path / "official.tar"), str(tmp_path / "run"), name)
 
-    backbone, variables, config, step = load_backbone(str(tmp_path / "run"))  # as the probe
+    restored = restore_backbone(str(tmp_path / "run"))  # as the probe
+    backbone, variables, config, step = restored.backbone, restored.variables, restored.config, restored.step
     assert (config["dataset"], config["model"]["backbone"], step) == ("cifar10", name, 0)
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     features = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(variables, images)
