@@ -19,6 +19,7 @@ from conftest import mocked_tfds
 
 from rr_jax import backbones, train
 from rr_jax.config import base_config, validate_config
+from rr_jax.errors import Preempted
 from rr_jax.objectives import OBJECTIVES, DeepCluster, DeepInfoMax, RotationNet, get_objective
 from rr_jax.objectives.common import CropFlip
 from rr_jax.objectives.deepcluster import (
@@ -354,7 +355,7 @@ def test_deepcluster_resumes_bitwise_after_mid_epoch_and_after_reclustering(tmp_
     with mocked_tfds(tmp_path / "tfds", 64):
         reference = train.pretrain(tiny_deepcluster(tmp_path / "tfds"), str(tmp_path / "straight"))
         assert int(reference.objective_state["epoch"]) == 1  # clustered at steps 1 and 5
-        real_batches = train.data.batches
+        real_batches = train.inputs.pretrain_batches
 
         def preempted_at(batch_step):
             def batches(*args, **kwargs):
@@ -366,9 +367,12 @@ def test_deepcluster_resumes_bitwise_after_mid_epoch_and_after_reclustering(tmp_
 
         stops = []
         for batch_step in (3, 7, None):  # mid-epoch 0; in epoch 1, after its re-clustering; to the end
-            monkeypatch.setattr(train.data, "batches", preempted_at(batch_step) if batch_step else real_batches)
-            resumed = train.pretrain(tiny_deepcluster(tmp_path / "tfds"), str(tmp_path / "resumed"))
-            stops.append(int(resumed.step))
+            monkeypatch.setattr(train.inputs, "pretrain_batches", preempted_at(batch_step) if batch_step else real_batches)
+            try:
+                resumed = train.pretrain(tiny_deepcluster(tmp_path / "tfds"), str(tmp_path / "resumed"))
+                stops.append(int(resumed.step))
+            except Preempted as stop:
+                stops.append(stop.step)
     assert 1 <= stops[0] <= 3 and 5 <= stops[1] <= 7 and stops[2] == 8, stops
     assert jax.tree.structure(resumed) == jax.tree.structure(reference)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):

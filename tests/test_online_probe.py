@@ -9,6 +9,7 @@ from rr_jax import online_probe, train
 from rr_jax.augment import AugmentConfig
 from rr_jax.config import base_config, validate_config
 from rr_jax.monitors import with_labelled_batches
+from rr_jax.objectives.relational import Relational
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -86,14 +87,14 @@ def step_setup():
     config.model.backbone = "conv4"
     backbone = train.make_backbone(config, axis_name=None)
     optimizer = train.make_optimizer(config, total_steps=10)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3))
+    objective = Relational(num_views=2, augment=AUGMENT)
+    state = train.create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3), objective=objective)
     probe_optimizer = online_probe.make_optimizer(1e-3)
     probe = online_probe.init(jax.random.key(3), 64, 10, probe_optimizer)
     rng = np.random.default_rng(4)
     batch = {"image": rng.integers(0, 256, (8, 16, 16, 3), np.uint8), "label": rng.integers(0, 10, 8)}
     step = jax.jit(lambda s, b: train.train_step(
-        s, b, backbone=backbone, optimizer=optimizer, augment=AUGMENT, probe_optimizer=probe_optimizer,
-        options=train.ObjectiveOptions(num_views=2)))
+        s, b, backbone=backbone, optimizer=optimizer, objective=objective, probe_optimizer=probe_optimizer))
     return backbone, state, probe, probe_optimizer, batch, step
 
 
@@ -146,8 +147,8 @@ def test_a_state_with_a_probe_needs_its_optimizer(step_setup):
     backbone, state, probe, _, batch, _ = step_setup
     with pytest.raises(ValueError, match="probe_optimizer"):
         train.train_step(state.replace(online_probe=probe), batch, backbone=backbone,
-                         optimizer=train.make_optimizer(base_config(), 10), augment=AUGMENT,
-                         options=train.ObjectiveOptions(num_views=2))
+                         optimizer=train.make_optimizer(base_config(), 10),
+                         objective=Relational(num_views=2, augment=AUGMENT))
 
 
 @pytest.mark.parametrize("dim, classes", [(0, 3), (4, 0), (4.0, 3)])
