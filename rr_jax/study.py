@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import importlib.util
 import json
 import os
@@ -322,7 +323,8 @@ def headline(results: dict[str, dict[str, Any]]) -> str:
 
 
 def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
-    """Writes `output` (and results_dir/figures/accuracy_vs_k.png) from the results."""
+    """Writes `output` (and results_dir/figures/accuracy_vs_k.png) from the results;
+    results_dir/notes.md goes first, any other results_dir/*.md before the list of runs."""
     results = load_results(results_dir)
     if not results:
         raise FileNotFoundError(f"No results in {results_dir}/; run `python -m rr_jax.study run` first.")
@@ -356,6 +358,9 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
                   f"t-SNE of 2 000 test features: ![t-SNE]({link}/{best['figures']['tsne']})", "",
                   "Retrieval (test queries, top-10 training neighbours; green = same class): "
                   f"![retrieval]({link}/{best['figures']['retrieval']})", ""]
+    for section in sorted(glob.glob(os.path.join(results_dir, "*.md"))):  # measured outside the runner
+        if os.path.basename(section) != "notes.md":
+            lines += [open(section).read().strip(), ""]
     lines += ["## Every run", "", *runs_table(results), ""]
     with open(output, "w") as f:
         f.write("\n".join(lines))
