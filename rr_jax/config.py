@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.relational.loss = "focal"
     config.relational.global_negatives = False  # negatives across devices (all-gather)
     config.relational.hidden_dim = 256
-    config.relational.head = "mlp"  # the relation head; 'dot': the dot-product ablation
+    config.relational.head = "mlp"  # the relation head; ablations 'dot' and 'encoder_dot'
 
     config.augment = ml_collections.ConfigDict()
     config.augment.crop_scale = (0.08, 1.0)
