@@ -39,14 +39,15 @@ FEATURES = 64  # conv4 and resnet32 both end in 64 channels
 
 
 def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: str = "float32",
-               batch: int = BATCH, head: str = "mlp"):
+               batch: int = BATCH, head: str = "mlp", devices: int | None = None):
     """The pmapped pretraining step as `launch.py` builds it, and inputs for it.
 
     Returns (jitted step, (replicated state, batch)); the batch holds `batch` random
-    uint8 images of the dataset's shape split over the local devices.
+    uint8 images of the dataset's shape split over the first `devices` local devices
+    (default: all of them), where the state is replicated.
     """
     spec = get_dataset_spec(dataset)
-    devices = jax.local_device_count()
+    devices = devices or jax.local_device_count()
     config = base_config()
     config.dataset = dataset
     config.model.backbone = backbone
@@ -55,7 +56,11 @@ def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: st
     config.relational.head = head
     model = train.make_backbone(config)
     optimizer = train.make_optimizer(config, total_steps=1)
-    state = train.create_train_state(jax.random.key(0), model, optimizer, spec.image_shape)
+    state = train.replicate(train.create_train_state(jax.random.key(0), model, optimizer, spec.image_shape))
+    if devices < jax.local_device_count():  # pmap over an axis of size n runs on the first n devices
+        mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:devices]), (train.AXIS,))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
+        state = jax.tree.map(lambda x: jax.device_put(x[:devices], sharding), state)
     step = train.parallel_train_step(
         backbone=model, optimizer=optimizer, options=train.objective_options(config),
         augment=train.make_augment_config(config, spec), donate=False,
@@ -63,7 +68,7 @@ def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: st
     rng = np.random.default_rng(0)
     images = {"image": rng.integers(0, 256, (devices, batch // devices, *spec.image_shape), np.uint8),
               "label": rng.integers(0, spec.num_classes, (devices, batch // devices), np.int32)}
-    return jax.jit(step), (train.replicate(state), images)
+    return jax.jit(step), (state, images)
 
 
 def official_rows(backbones: list[str], views_list: list[int], repeats: int) -> None:

@@ -118,13 +118,16 @@ def _forever(loader: torch.utils.data.DataLoader) -> Iterator:
 
 
 def official_step(backbone: torch.nn.Module, feature_size: int, images: np.ndarray, views: int,
-                  mean, std, *, batch: int = 64, workers: int = 2) -> Callable[[], float]:
+                  mean, std, *, batch: int = 64, workers: int = 2,
+                  device: str = "cpu") -> Callable[[], float]:
     """A function running one official training step end to end (next batch from the
-    DataLoader, forward, aggregate, head, focal loss, backward, Adam); returns the loss."""
+    DataLoader, forward, aggregate, head, focal loss, backward, Adam) on the torch
+    `device`; returns the loss."""
     head = torch.nn.Sequential(
         torch.nn.Linear(2 * feature_size, 256), torch.nn.BatchNorm1d(256), torch.nn.LeakyReLU(),
         torch.nn.Linear(256, 1),
-    )
+    ).to(device)
+    backbone = backbone.to(device)
     optimizer = torch.optim.Adam([{"params": backbone.parameters(), "lr": 1e-3},
                                   {"params": head.parameters(), "lr": 1e-3}])
     loader = torch.utils.data.DataLoader(
@@ -138,9 +141,9 @@ def official_step(backbone: torch.nn.Module, feature_size: int, images: np.ndarr
 
     def step() -> float:
         view_list, _ = next(batches)
-        features = backbone(torch.cat(view_list, 0))
+        features = backbone(torch.cat(view_list, 0).to(device))
         pairs, targets = aggregate(features, views)
-        loss = focal_loss(head(pairs).squeeze(), targets)
+        loss = focal_loss(head(pairs).squeeze(), targets.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

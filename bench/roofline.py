@@ -10,7 +10,10 @@ FLOPs, bytes accessed and the peak temporary memory. A step cannot run faster th
 max(FLOPs / peak FLOP/s, bytes / peak bandwidth) on a chip, which gives a lower bound on
 its time and an upper bound on views per second for each chip in PEAKS. The bytes are
 those of XLA:CPU's fusion of the program; a GPU or TPU compiler fuses differently (and
-more), so the memory-bound figure is indicative, the FLOP-bound one is not.
+more), so the memory-bound figure is indicative, the FLOP-bound one is not. XLA:CPU
+computes bfloat16 elementwise work in float32, so its fused bytes hardly differ between
+the dtypes; the unfused bytes (the HLO before optimisation, every op reading its operands
+and writing its result) show the dtype's effect on traffic.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ PEAKS = {
 
 
 def step_costs(backbone: str, views: int, dataset: str, dtype: str) -> dict[str, float]:
-    """FLOPs, bytes accessed and peak temporary bytes of one compiled step."""
+    """FLOPs, bytes accessed and peak temporary bytes of one compiled step, and the bytes
+    its HLO accesses before any fusion (every op reading and writing memory)."""
     step, inputs = whole_step(backbone, views, dataset=dataset, dtype=dtype)
-    compiled = step.lower(*inputs).compile(CPU_DEFAULTS)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return {"flops": cost["flops"], "bytes": cost["bytes accessed"],
+    lowered = step.lower(*inputs)
+    compiled = lowered.compile(CPU_DEFAULTS)
+    cost, unfused = (c[0] if isinstance(c, list) else c for c in (compiled.cost_analysis(), lowered.cost_analysis()))
+    return {"flops": cost["flops"], "bytes": cost["bytes accessed"], "unfused bytes": unfused["bytes accessed"],
             "temp": compiled.memory_analysis().temp_size_in_bytes}
 
 
@@ -63,8 +67,8 @@ def main():
     print(f"jax {jax.__version__}, XLA cost analysis of the step compiled for "
           f"{jax.devices()[0].device_kind}, M={BATCH}\n")
     chips = " | ".join(f"{name} ms / views/s" for name in PEAKS)
-    print(f"| backbone | images | K | dtype | GFLOP | GB accessed | FLOP/byte | temp GiB | {chips} |")
-    print("|---|---|---|---|---|---|---|---|" + "---|" * len(PEAKS))
+    print(f"| backbone | images | K | dtype | GFLOP | GB accessed | FLOP/byte | unfused GB | temp GiB | {chips} |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(PEAKS))
     for case in args.cases.split(","):
         backbone, views, dataset = case.split(":")
         views = int(views)
