@@ -1,7 +1,7 @@
 """Whole pretraining step throughput: augment K views + backbone + relation head + Adam.
 
     python bench/bench_pipeline.py [--repeats 5] [--backbones conv4,resnet32] [--views 4,16,32]
-                                   [--compare-cpu-defaults | --official]
+                                   [--compare-cpu-defaults | --official | --breakdown]
 
 One pmapped step on all local devices (one on this CPU), M = 64 CIFAR-sized images,
 as `launch.py` runs it. Prints a Markdown table: views per second (K * M per step time),
@@ -15,6 +15,11 @@ workers, Model, aggregate, focal loss and Adam), interleaved round by round in o
 process. Ours end to end: a random batch taken from uint8 images in memory, put on the
 device, and the step compiled with launch.py's XLA:CPU flags. The speed-up is the median
 of the per-round ratios.
+
+With --breakdown, the step's parts are compiled on their own (launch.py's XLA:CPU flags)
+and timed interleaved with the whole step, round by round: augment_views of the K*M
+views, the backbone's forward + backward on them, the relation head's loss + gradient
+(`relational_loss` on K x M x 64 embeddings) and Adam's update of every parameter.
 """
 
 from __future__ import annotations
@@ -104,6 +109,64 @@ def official_rows(backbones: list[str], views_list: list[int], repeats: int) -> 
                   f"{ratios['official']:.2f}x |", flush=True)
 
 
+def breakdown_rows(backbones: list[str], views_list: list[int], repeats: int) -> None:
+    """The step and its parts, timed interleaved (see the docstring)."""
+    import jax.numpy as jnp
+    import optax
+    from bench_backbones import interleaved
+
+    import rr_jax
+
+    print("| backbone | K | whole step ms | augment ms | backbone fwd+bwd ms | head loss+grad ms | Adam ms "
+          "| parts / whole | head share of step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in backbones:
+        for views in views_list:
+            step, (state, batch) = whole_step(name, views)
+            spec = get_dataset_spec("cifar10")
+            config = base_config()
+            config.model.backbone = name
+            augment_config = train.make_augment_config(config, spec)
+            model = train.make_backbone(config, axis_name=None)
+            params, stats = jax.tree.map(lambda x: x[0], (state.params, state.batch_stats))
+            images = jnp.asarray(batch["image"].reshape(-1, *spec.image_shape))
+            head_variables = {"params": params["head"], "batch_stats": stats["head"]}
+            embeddings = jax.random.normal(jax.random.key(1), (views, BATCH, FEATURES))
+
+            def backbone_grad(backbone_params, x):
+                def loss(p):
+                    features, updates = model.apply({"params": p, "batch_stats": stats["backbone"]}, x,
+                                                    train=True, mutable=["batch_stats"])
+                    return jnp.sum(features), updates
+                return jax.grad(loss, has_aux=True)(backbone_params)
+
+            def head_grad(z, head_params, key):
+                def loss(z, p):
+                    return rr_jax.relational_loss(z, {"params": p, "batch_stats": head_variables["batch_stats"]},
+                                                  key)[0]
+                return jax.grad(loss, argnums=(0, 1))(z, head_params)
+
+            optimizer = optax.adam(1e-3)
+            views_array = jax.jit(lambda key: rr_jax.augment_views(key, images, views, augment_config))(
+                jax.random.key(0)).reshape(-1, *spec.image_shape)
+            parts = {
+                "whole": (step, (state, batch)),
+                "augment": (lambda key: rr_jax.augment_views(key, images, views, augment_config), (jax.random.key(0),)),
+                "backbone": (backbone_grad, (params["backbone"], views_array)),
+                "head": (head_grad, (embeddings, params["head"], jax.random.key(2))),
+                "adam": (lambda g, s, p: optimizer.update(g, s, p), (params, optimizer.init(params), params)),
+            }
+            runs = {}
+            for part, (fn, args) in parts.items():
+                executable = jax.jit(fn).lower(*args).compile(CPU_DEFAULTS)
+                runs[part] = (lambda executable=executable, args=args: jax.block_until_ready(executable(*args)))
+            medians, ratios = interleaved(runs, repeats)
+            total = sum(medians[p] for p in parts if p != "whole")
+            print(f"| {name} | {views} | {medians['whole']:.0f} | {medians['augment']:.0f} | {medians['backbone']:.0f} | "
+                  f"{medians['head']:.0f} | {medians['adam']:.1f} | {total / medians['whole']:.2f} | "
+                  f"{100 * ratios['head']:.0f}% |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -113,7 +176,11 @@ def main():
                         help="also time each step compiled with launch.py's XLA:CPU defaults")
     parser.add_argument("--official", action="store_true",
                         help="time each step end to end against the official PyTorch step instead")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time the step's parts (augmentation, backbone, head, Adam) interleaved with it")
     args = parser.parse_args()
+    if args.breakdown:
+        return breakdown_rows(args.backbones.split(","), [int(k) for k in args.views.split(",")], args.repeats)
     if args.official:
         return official_rows(args.backbones.split(","), [int(k) for k in args.views.split(",")], args.repeats)
     devices = jax.local_device_count()
