@@ -80,7 +80,7 @@ def main():
                 ms = bound_ms(costs, chip, dtype)
                 cells.append(f"{ms:.2f} / {views * BATCH / ms * 1e3:,.0f}")
             print(f"| {backbone} | {dataset} {shape} | {views} | {dtype} | {costs['flops'] / 1e9:,.0f} | "
-                  f"{costs['bytes'] / 1e9:,.1f} | {costs['flops'] / costs['bytes']:.1f} | "
+                  f"{costs['bytes'] / 1e9:,.1f} | {costs['flops'] / costs['bytes']:.1f} | {costs['unfused bytes'] / 1e9:,.1f} | "
                   f"{costs['temp'] / 2**30:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
