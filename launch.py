@@ -6,18 +6,29 @@
 Re-running the same command resumes from the latest checkpoint in --workdir.
 Multi-host (TPU pods, GPU clusters): add --distributed (or give --coordinator_address,
 --num_processes and --process_id) on every host.
+
+Exit codes: 0 done; 2 a problem with the config, workdir, dataset or resume (one
+message; add --verbosity=1 for the traceback); 143 preempted by SIGTERM after saving
+the checkpoint (re-run to resume).
 """
 
+import importlib.util
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines off the console
 
-from rr_jax.xla_flags import with_cpu_defaults
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rr_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, exit_cleanly_on_user_errors  # noqa: E402
+from rr_jax.run_dir import LOG_FILE, third_party_logs_to_file, unknown_key_message  # noqa: E402
+from rr_jax.xla_flags import with_cpu_defaults  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_list("allow_config_change", [], "Config fields that may differ from the checkpoint's on resume.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -25,6 +36,25 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a one-line message for a --config.KEY override naming a key
+    the config does not have (instead of ml_collections' chained tracebacks)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as error:
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        if path is None:
+            raise
+        module_spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config().to_dict()
+        messages = [m for a in argv if a.startswith("--config.") and (m := unknown_key_message(a, config))]
+        print(f"Error: {messages[0] if messages else error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+@exit_cleanly_on_user_errors
 def main(argv):
     del argv
     os.environ["XLA_FLAGS"] = with_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
@@ -38,13 +68,18 @@ def main(argv):
     from rr_jax import linear_probe, train
 
     config = FLAGS.config
-    train.pretrain(config, FLAGS.workdir)
+    try:
+        train.pretrain(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+    except Preempted as stop:
+        logging.warning("%s", stop)
+        sys.exit(EXIT_PREEMPTED)
     logging.info("Pretraining finished; checkpoints are in %s/checkpoints.", FLAGS.workdir)
     if config.probe.enabled:
-        results = linear_probe.run_probe(FLAGS.workdir, epochs=config.probe.epochs, data_dir=config.data_dir)
+        with third_party_logs_to_file(os.path.join(FLAGS.workdir, LOG_FILE)):
+            results = linear_probe.run_probe(FLAGS.workdir, epochs=config.probe.epochs, data_dir=config.data_dir)
         logging.info("Linear probe on %s: top-1 %.2f%%, top-5 %.2f%%.",
                      results["dataset"], 100 * results["top1"], 100 * results["top5"])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

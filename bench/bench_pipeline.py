@@ -28,7 +28,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,15 +61,14 @@ def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: st
     config.relational.head = head
     model = train.make_backbone(config)
     optimizer = train.make_optimizer(config, total_steps=1)
-    state = train.replicate(train.create_train_state(jax.random.key(0), model, optimizer, spec.image_shape))
+    objective = train.make_objective(config, spec)
+    state = train.replicate(train.create_train_state(jax.random.key(0), model, optimizer, spec.image_shape,
+                                                     objective=objective))
     if devices < jax.local_device_count():  # pmap over an axis of size n runs on the first n devices
         mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:devices]), (train.AXIS,))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
         state = jax.tree.map(lambda x: jax.device_put(x[:devices], sharding), state)
-    step = train.parallel_train_step(
-        backbone=model, optimizer=optimizer, options=train.objective_options(config),
-        augment=train.make_augment_config(config, spec), donate=False,
-    )
+    step = train.parallel_train_step(backbone=model, optimizer=optimizer, objective=objective, donate=False)
     rng = np.random.default_rng(0)
     images = {"image": rng.integers(0, 256, (devices, batch // devices, *spec.image_shape), np.uint8),
               "label": rng.integers(0, spec.num_classes, (devices, batch // devices), np.int32)}
@@ -126,7 +125,7 @@ def breakdown_rows(backbones: list[str], views_list: list[int], repeats: int) ->
             spec = get_dataset_spec("cifar10")
             config = base_config()
             config.model.backbone = name
-            augment_config = train.make_augment_config(config, spec)
+            augment_config = train.make_objective(config, spec).augment
             model = train.make_backbone(config, axis_name=None)
             params, stats = jax.tree.map(lambda x: x[0], (state.params, state.batch_stats))
             images = jnp.asarray(batch["image"].reshape(-1, *spec.image_shape))

@@ -25,8 +25,11 @@ import numpy as np
 import optax
 
 from rr_jax import linear_probe
+from rr_jax.augment import normalize_images
 from rr_jax.backbones import create_backbone
 from rr_jax.data import get_dataset_spec
+from rr_jax.features import extract_features
+from rr_jax.online_probe import LinearHead
 
 PROTOCOL_EPOCHS = 100
 
@@ -59,9 +62,9 @@ def main() -> None:
     batch_size = linear_probe.BATCH_SIZE
 
     # Cached: one feature pass, then epochs on device.
-    linear_probe.extract_features(backbone, variables, images[:1], **stats)  # compile
+    extract_features(backbone, variables, images[:1], **stats)  # compile
     start = time.perf_counter()
-    features = linear_probe.extract_features(backbone, variables, images, **stats)
+    features = extract_features(backbone, variables, images, **stats)
     feature_s = time.perf_counter() - start
     def train_seconds(epochs):
         start = time.perf_counter()
@@ -74,14 +77,14 @@ def main() -> None:
     cached_s = (train_seconds(1 + args.epochs) - train_seconds(1)) / args.epochs
 
     # Reference: the backbone on every batch of every epoch.
-    head = linear_probe.LinearHead(spec.num_classes)
+    head = LinearHead(spec.num_classes)
     optimizer = optax.adam(linear_probe.LEARNING_RATE)
     params = head.init(jax.random.key(2), features[:1])["params"]
 
     @jax.jit
     def step(carry, x, y):
         params, opt_state = carry
-        f = backbone.apply(variables, linear_probe.normalize(x, spec.mean, spec.std), train=False)
+        f = backbone.apply(variables, normalize_images(x, mean=spec.mean, std=spec.std), train=False)
 
         def loss(params):
             logits = head.apply({"params": params}, f)

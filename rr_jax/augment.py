@@ -431,11 +431,38 @@ def normalize(image: jax.Array, *, mean: tuple[float, ...], std: tuple[float, ..
     return (image - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def to_unit_float(images: jax.Array) -> jax.Array:
+    """uint8 pixels [..., C] -> float32 in [0, 1] (x / 255), the input of every op here."""
+    return jnp.asarray(images).astype(jnp.float32) / 255.0
+
+
+def normalize_images(images: jax.Array, *, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """uint8[..., C] -> float32 (x / 255 - mean) / std: what the backbone sees of an
+    unaugmented image (evaluation, probes), normalised as the pretraining views."""
+    return normalize(to_unit_float(images), mean=mean, std=std)
+
+
+def random_crop_flip(key: jax.Array, image: jax.Array, padding: int) -> jax.Array:
+    """A random HxW crop of the image zero-padded by `padding` on each side, mirrored
+    left-right with probability 1/2 (torchvision RandomCrop(padding) + flip; the
+    augmentation of fine-tuning).
+
+    image: [H, W, C] of any dtype (zero padding is black for uint8 pixels).
+    """
+    height, width, channels = image.shape
+    top_key, left_key, flip_key = jax.random.split(key, 3)
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top = jax.random.randint(top_key, (), 0, 2 * padding + 1)
+    left = jax.random.randint(left_key, (), 0, 2 * padding + 1)
+    crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+    return random_horizontal_flip(flip_key, crop, prob=0.5)
+
+
 def _augment_image(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax.Array:
     """One view of uint8[H, W, C]: float32[H', W', C], normalised."""
     height, width, _ = image.shape
     k_crop, k_flip, k_jitter, k_gray = jax.random.split(key, 4)
-    view = image.astype(jnp.float32) / 255.0
+    view = to_unit_float(image)
     view = random_resized_crop(
         k_crop,
         view,

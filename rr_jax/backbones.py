@@ -1,6 +1,6 @@
 """Feature extractors f: images [N, H, W, C] -> features [N, D] (Flax linen, NHWC).
 
-Conv4 and the CIFAR ResNets follow the official PyTorch code of the paper; ResNet-18/34
+Conv4 and the CIFAR ResNets follow the official PyTorch code of the paper; ResNet-18/34/50
 follow torchvision. Layer names mirror the PyTorch names (``layer1.0.conv1`` becomes
 ``layer1_0/conv1``, ``layer2.0.downsample.0/1`` become ``layer2_0/downsample_conv/bn``) so
 that PyTorch state dicts map onto our variables name by name.
@@ -162,18 +162,48 @@ class BasicBlock(nn.Module):
         return _materialized(nn.relu(x + y))
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck: 1x1 conv-BN-ReLU, 3x3 conv (the stride)-BN-ReLU,
+    1x1 conv to ``4 * features``-BN, plus the shortcut, then ReLU.
+
+    The shortcut is a 1x1 convolution (no bias) + BN where the stride or the channel
+    count changes, the identity otherwise.
+    """
+
+    features: int
+    stride: int
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module]
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.features * self.expansion
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.features, 1, name="conv1")(x)))
+        y = nn.relu(self.norm(name="bn2")(self.conv(self.features, 3, self.stride, name="conv2")(y)))
+        y = self.norm(name="bn3")(self.conv(out, 1, name="conv3")(y))
+        if self.stride != 1 or x.shape[-1] != out:
+            x = self.conv(out, 1, self.stride, name="downsample_conv")(x)
+            x = self.norm(name="downsample_bn")(x)
+        return _materialized(nn.relu(x + y))
+
+
 class ResNet(nn.Module):
-    """ResNet with basic blocks; stage s has ``stage_sizes[s]`` blocks of ``widths[s]``.
+    """ResNet; stage s has ``stage_sizes[s]`` blocks (``block``: BasicBlock or
+    Bottleneck) of ``widths[s]`` channels (times 4 at a bottleneck's output).
 
     The first stage keeps the resolution, each later one halves it. ``stem='cifar'``:
     3x3 stride-1 convolution; ``stem='imagenet'``: torchvision's 7x7 stride-2
     convolution and 3x3 stride-2 max pool. Both end in BN + ReLU (before the pool).
-    ``__call__(x: [N, H, W, C], train) -> float32[N, widths[-1]]`` (global average pool).
+    ``__call__(x: [N, H, W, C], train) -> float32[N, D]`` (global average pool),
+    D = widths[-1] (x4 with bottlenecks).
     """
 
     stage_sizes: Sequence[int]
     widths: Sequence[int]
     stem: str = "cifar"
+    block: type[nn.Module] = BasicBlock
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
@@ -202,7 +232,7 @@ class ResNet(nn.Module):
         for s, (blocks, features) in enumerate(zip(self.stage_sizes, self.widths)):
             for b in range(blocks):
                 stride = 2 if s > 0 and b == 0 else 1
-                x = BasicBlock(features, stride, conv, norm, name=f"layer{s + 1}_{b}")(x)
+                x = self.block(features, stride, conv, norm, name=f"layer{s + 1}_{b}")(x)
         return _global_average(x)
 
 
@@ -212,10 +242,10 @@ def _cifar_resnet(depth: int, **options: Any) -> ResNet:
 
 
 def _imagenet_resnet(
-    stage_sizes: Sequence[int], stem: str = "imagenet", **options: Any
+    stage_sizes: Sequence[int], stem: str = "imagenet", block: type[nn.Module] = BasicBlock, **options: Any
 ) -> ResNet:
-    """torchvision ResNet-18/34 without classifier; ``stem='cifar'`` for small images."""
-    return ResNet(stage_sizes=stage_sizes, widths=_IMAGENET_WIDTHS, stem=stem, **options)
+    """torchvision ResNet-18/34/50 without classifier; ``stem='cifar'`` for small images."""
+    return ResNet(stage_sizes=stage_sizes, widths=_IMAGENET_WIDTHS, stem=stem, block=block, **options)
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -226,6 +256,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet56": functools.partial(_cifar_resnet, 56),
     "resnet18": functools.partial(_imagenet_resnet, (2, 2, 2, 2)),
     "resnet34": functools.partial(_imagenet_resnet, (3, 4, 6, 3)),
+    "resnet50": functools.partial(_imagenet_resnet, (3, 4, 6, 3), block=Bottleneck),
 }
 """Backbone name -> constructor taking keyword options (axis_name, dtype; stem for ResNets)."""
 

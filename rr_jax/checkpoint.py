@@ -8,19 +8,25 @@ steps hold `backbone`, `config` and, when known, `head` (the relation head's var
 Arrays are saved as host NumPy copies of one replica: never replicated, and restorable
 in a process with any number of devices (they come back as NumPy and the caller places
 them). Orbax writes each step into a temporary directory and renames it when complete,
-so a step cut short by a kill is never listed.
+so a step cut short by a kill is never listed. Step 0 is never rotated away: it holds
+imported weights (or method 'random''s untrained ones), which no later step replaces.
+A step damaged after it was written can be moved aside (`set_aside`) for inspection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 ITEMS = ("state", "backbone", "head", "config")
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -40,9 +46,17 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, max_to_keep: int | None = None):
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._workdir = os.path.abspath(workdir)
+        policy = None  # keep every step
+        if max_to_keep is not None:
+            policy = checkpoint_managers.AnyPreservationPolicy(
+                [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps([0])]
+            )
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+        handlers = {item: ocp.StandardCheckpointHandler() for item in ITEMS if item != "config"}
         self._manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_names=ITEMS
+            checkpoint_dir(workdir), options=options,
+            item_handlers={**handlers, "config": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -51,6 +65,27 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def has_item(self, step: int, item: str) -> bool:
+        """Whether step `step` was written with item `item` (e.g. 'state')."""
+        return os.path.isdir(os.path.join(self._manager.directory, str(step), item))
+
+    def restore_config(self, step: int) -> dict:
+        """The config dict saved with `step`."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(restored["config"])
+
+    def set_aside(self, step: int) -> str:
+        """Moves the (damaged) directory of `step` to WORKDIR/checkpoints_damaged/<step>,
+        kept for inspection, so that it is neither resumed nor overwritten; returns the
+        new path."""
+        target = os.path.join(self._workdir, DAMAGED_DIR, str(step))
+        if os.path.exists(target):
+            target += f".{len(os.listdir(os.path.dirname(target)))}"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(self._manager.directory, str(step)), target)
+        self._manager.reload()
+        return target
 
     def save(self, step: int, state: Any, backbone: Any, config: dict) -> None:
         """Writes step `step` (one replica's host copy of `state` and `backbone`)."""
@@ -78,11 +113,22 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_state(self, step: int, target: Any) -> Any:
-        """The train state of `step`, as NumPy arrays shaped like `target`."""
+        """The train state of `step`, as NumPy arrays shaped like `target`.
+
+        `target` is a dataclass (a flax.struct TrainState) or a dict. Its top-level fields
+        that the checkpoint lacks (fields added after the checkpoint was written) keep
+        their values from `target`, so older checkpoints restore into newer states.
+        """
+        target = _to_host(target)
+        fields = _fields(target)
+        saved = self._manager.item_metadata(step)["state"]
+        present = {name: value for name, value in fields.items() if name in saved}
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_to_host(target)))
-        )
-        return restored["state"]
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(present))
+        )["state"]
+        if isinstance(target, Mapping):
+            return {**target, **restored}
+        return target.replace(**restored)
 
     def restore_backbone(self, step: int | None = None) -> tuple[Any, dict]:
         """(backbone variables as NumPy, config dict) of `step` (default: the latest)."""
@@ -139,6 +185,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _fields(tree: Any) -> dict[str, Any]:
+    """The top-level fields of a dataclass or dict, by name."""
+    if isinstance(tree, Mapping):
+        return dict(tree)
+    if dataclasses.is_dataclass(tree):
+        return {field.name: getattr(tree, field.name) for field in dataclasses.fields(tree)}
+    raise ValueError(f"A train state must be a dataclass or a dict, got {type(tree).__name__}.")
 
 
 def save_probe(directory: str, tree: Any) -> None:

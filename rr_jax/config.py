@@ -13,11 +13,14 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from rr_jax import data, image_folder
+from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
 from rr_jax.data import DATASETS
-from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES
+from rr_jax.errors import ConfigError
+from rr_jax.inputs import STREAMING
+from rr_jax.objectives import OBJECTIVES, config_error, get_objective
 
-METHODS = ("relational", "simclr", "supervised", "random")
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -29,7 +32,21 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = "cifar10"
     config.data_dir = config_dict.placeholder(str)  # None: TFDS's default directory
     config.pretrain_split = config_dict.placeholder(str)  # None: the dataset's, e.g. 'train[:10%]'
-    config.method = "relational"  # or the baselines 'simclr', 'supervised', 'random'
+    # Image-folder datasets (tiny_imagenet, slimagenet64, image_folder): the tree's root.
+    config.image_folder = config_dict.placeholder(str)
+
+    # Input pipeline (rr_jax.inputs): 'memory' loads the split into every process, 'stream'
+    # reads each process's slice of every batch with Grain, 'auto' streams splits larger
+    # than in_memory_limit_mib that can be read by random access.
+    config.data = ml_collections.ConfigDict()
+    config.data.streaming = "auto"
+    config.data.in_memory_limit_mib = 1024
+    config.data.image_size = config_dict.placeholder(int)  # square side; None: the dataset's
+    config.data.mean = config_dict.placeholder(tuple)  # per channel in [0, 1]; None: the dataset's
+    config.data.std = config_dict.placeholder(tuple)
+    config.data.read_threads = 4  # host threads reading and decoding (streaming, image folders)
+    config.data.prefetch_steps = 8  # streamed batches kept ready ahead of the step
+    config.method = "relational"  # a name of rr_jax.objectives.OBJECTIVES
     config.seed = 0
     config.batch_size = 64  # global M: images per step over all devices
     config.num_epochs = 200
@@ -39,15 +56,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "resnet32"
     config.model.dtype = "float32"  # 'bfloat16': bf16 activations, f32 params and BN stats
-
-    config.relational = ml_collections.ConfigDict()
-    config.relational.num_views = 32  # K
-    config.relational.aggregation = "cat"
-    config.relational.negatives = "derangement"
-    config.relational.loss = "focal"
-    config.relational.global_negatives = False  # negatives across devices (all-gather)
-    config.relational.hidden_dim = 256
-    config.relational.head = "mlp"  # the relation head; ablations 'dot' and 'encoder_dot'
 
     config.augment = ml_collections.ConfigDict()
     config.augment.crop_scale = (0.08, 1.0)
@@ -60,12 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.augment.jitter_prob = 0.8
     config.augment.grayscale_prob = 0.2
 
-    config.simclr = ml_collections.ConfigDict()
-    config.simclr.temperature = 0.5
+    # Each method's own fields: config.relational, config.simclr, config.deepinfomax, ...
+    for name, objective in OBJECTIVES.items():
+        if (fields := objective.config_defaults()) is not None:
+            config[name] = fields
 
-    # Unset (None) fields take the method's defaults: Adam 1e-3 constant for the
-    # self-supervised methods (the paper), SGD 0.1 momentum 0.9 with x0.1 at 50% and
-    # 75% of training for 'supervised'.
+    # Unset (None) fields take the method's defaults (Objective.optimizer): Adam 1e-3
+    # constant for most self-supervised methods (the paper), 1e-4 for 'deepinfomax',
+    # SGD 0.1 momentum 0.9 with x0.1 at 50% and 75% of training for 'supervised'.
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = config_dict.placeholder(str)  # 'adam' or 'sgd'
     config.optimizer.learning_rate = config_dict.placeholder(float)
@@ -78,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint.max_to_keep = 3
 
     # Online monitoring: weighted kNN top-1 of the first num_test test images against the
-    # first num_train pretraining images (labels used for monitoring only), written to
+    # first num_train images of the labelled train split (labels used for monitoring only), written to
     # metrics.jsonl as 'knn_top1' every every_steps steps and at the end; 0 turns it off.
     config.knn_monitor = ml_collections.ConfigDict()
     config.knn_monitor.every_steps = 0
@@ -87,6 +97,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.knn_monitor.k = 20
     config.knn_monitor.temperature = 0.07
 
+    # Online linear probe: a linear classifier trained inside every pretraining step on
+    # stop-gradient eval-mode features of the batch's images and labels (of the labelled
+    # train split, batched alongside, when the pretraining split has no labels); its top-1
+    # on the first num_test test images goes to metrics.jsonl as 'online_probe_top1' every
+    # every_steps steps and at the end; 0 turns it off.
+    config.online_probe = ml_collections.ConfigDict()
+    config.online_probe.every_steps = 0
+    config.online_probe.num_test = 10000
+    config.online_probe.learning_rate = 0.1  # Adam, cosine-decayed to 0 over the run; see RESULTS.md
+
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True  # launch.py runs the linear probe after pretraining
     config.probe.epochs = 100
@@ -94,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, value, allowed: str) -> None:
-    raise ValueError(f"config.{key}={value!r} is not allowed: {allowed}.")
+    raise config_error(key, value, allowed)
 
 
 def _choice(config: ml_collections.ConfigDict, key: str, allowed) -> None:
@@ -111,7 +131,8 @@ def validate_config(
     *,
     device_count: int | None = None,
 ) -> None:
-    """Raises ValueError on the first bad field, naming it, its value and what is allowed.
+    """Raises ConfigError (a ValueError) on the first bad field, naming it, its value
+    and what is allowed. Only checks: it reads no data and creates nothing.
 
     Args:
       config: a config built from `base_config()`.
@@ -119,40 +140,46 @@ def validate_config(
       device_count: devices the global batch is split over (default: all devices).
     """
     _choice(config, "dataset", sorted(DATASETS))
-    _choice(config, "method", METHODS)
+    objective = get_objective(config.method)
     _choice(config, "model.backbone", sorted(BACKBONES))
     _choice(config, "model.dtype", DTYPES)
-    _choice(config, "relational.aggregation", AGGREGATIONS)
-    _choice(config, "relational.negatives", NEGATIVES)
-    _choice(config, "relational.loss", LOSSES)
-    _choice(config, "relational.head", HEADS)
     for key, allowed in (("optimizer.name", OPTIMIZERS), ("optimizer.schedule", SCHEDULES)):
         if config.optimizer[key.split(".")[1]] is not None:
             _choice(config, key, allowed)
-    if config.relational.num_views < 2:
-        _fail("relational.num_views", config.relational.num_views, "K must be >= 2 views to form pairs")
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "log_every_steps", "relational.hidden_dim", "probe.epochs",
-                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k"):
+                "log_every_steps", "probe.epochs",
+                "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k", "online_probe.num_test",
+                "data.in_memory_limit_mib", "data.read_threads", "data.prefetch_steps"):
         value = config
         for part in key.split("."):
             value = value[part]
         if not isinstance(value, int) or value < 1:
             _fail(key, value, "it must be a positive integer")
+    _choice(config, "data.streaming", STREAMING)
+    if config.data.image_size is not None and config.data.image_size < 1:
+        _fail("data.image_size", config.data.image_size, "it must be a positive integer or None (the dataset's)")
+    layout = next(iter(DATASETS[config.dataset].values())).folder_layout
+    if layout is not None and not config.image_folder:
+        _fail("image_folder", config.image_folder,
+              f"dataset {config.dataset!r} is read from an image folder. " + image_folder.how_to_get(layout))
+    if layout is None and config.image_folder:
+        _fail("image_folder", config.image_folder, f"dataset {config.dataset!r} is not an image folder; leave it None")
     if config.max_steps is not None and config.max_steps < 1:
         _fail("max_steps", config.max_steps, "it must be a positive integer or None (no cap)")
     if config.optimizer.learning_rate is not None and config.optimizer.learning_rate <= 0:
         _fail("optimizer.learning_rate", config.optimizer.learning_rate, "it must be > 0 or None (the method's default)")
-    every = config.knn_monitor.every_steps
-    if not isinstance(every, int) or every < 0:
-        _fail("knn_monitor.every_steps", every, "it must be an integer >= 0 (0: off)")
+    for key in ("knn_monitor.every_steps", "online_probe.every_steps"):
+        every = config[key.split(".")[0]].every_steps
+        if not isinstance(every, int) or every < 0:
+            _fail(key, every, "it must be an integer >= 0 (0: off)")
+    if not config.online_probe.learning_rate > 0:
+        _fail("online_probe.learning_rate", config.online_probe.learning_rate, "it must be > 0")
     if config.knn_monitor.k > config.knn_monitor.num_train:
         _fail("knn_monitor.k", config.knn_monitor.k,
               f"it must be <= knn_monitor.num_train={config.knn_monitor.num_train}")
     if config.knn_monitor.temperature <= 0:
         _fail("knn_monitor.temperature", config.knn_monitor.temperature, "it must be > 0")
-    if config.simclr.temperature <= 0:
-        _fail("simclr.temperature", config.simclr.temperature, "it must be > 0")
+    objective.validate(config)
     if config.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", config.optimizer.weight_decay, "it must be >= 0")
     devices = jax.device_count() if device_count is None else device_count
@@ -162,10 +189,34 @@ def validate_config(
     if config.batch_size // devices < 2:
         _fail("batch_size", config.batch_size,
               f"each of the {devices} devices needs >= 2 images to form negatives")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        _fail("seed", config.seed, "it must be an integer >= 0")
+    if not 0 <= config.optimizer.momentum < 1:
+        _fail("optimizer.momentum", config.optimizer.momentum, "it must be in [0, 1)")
+    try:
+        AugmentConfig(**config.augment.to_dict())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.augment is not allowed: {error}") from None
+    split = config.pretrain_split or next(iter(DATASETS[config.dataset].values())).pretrain_split
+    if objective.needs_labels and not data.has_labels(split):
+        _fail("method", config.method,
+              f"it trains on labels, and the pretraining split {split!r} has none; "
+              "set config.pretrain_split to a labelled split (e.g. 'train')")
     if workdir is not None:
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"--workdir={workdir!r} cannot be created: {error}.") from error
-        if not os.access(workdir, os.W_OK):
-            raise ValueError(f"--workdir={workdir!r} is not writable.")
+        _check_workdir(workdir)
+
+
+def _check_workdir(workdir: str) -> None:
+    """The workdir is a writable directory, or can be created as one."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"--workdir={workdir!r} exists and is not a directory.")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"--workdir={workdir!r} is not writable.")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {parent!r} is not a writable directory.")

@@ -41,6 +41,7 @@ from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
 from rr_jax.config import base_config
 from rr_jax.data import DATASETS, get_dataset_spec
+from rr_jax.errors import InputFileError, exit_cleanly_on_user_errors
 from rr_jax.relational import AGGREGATIONS, init_relation_head
 
 StateDict = dict[str, np.ndarray]
@@ -244,10 +245,19 @@ def load_torch_checkpoint(path: str) -> dict[str, StateDict]:
     """{'backbone': ..., 'relation': ... if present} of an official ``torch.save`` file,
     as NumPy arrays; loaded with ``weights_only=True`` (no code from the file runs)."""
     torch = _import_torch()
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise InputFileError(f"{path} does not exist or is not a file.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign bytes
+        raise InputFileError(
+            f"{path} is not a PyTorch checkpoint of the official code (torch.load could not "
+            f"read it: {type(error).__name__}). Give the .tar file the official training "
+            "script saved."
+        ) from None
     if not isinstance(payload, dict) or "backbone" not in payload:
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
+        raise InputFileError(
             f"{path} is not a checkpoint of the official code: expected a dict with a "
             f"'backbone' state dict (and optionally 'relation'), found {found}."
         )
@@ -350,6 +360,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv[1:])
 
 
+@exit_cleanly_on_user_errors
 def main(args: argparse.Namespace) -> None:
     """Runs the command chosen on the command line (see `parse_flags`)."""
     if args.command == "from-torch":

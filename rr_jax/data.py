@@ -1,17 +1,21 @@
-"""TFDS datasets: names, splits, label spaces, statistics, per-host sharded batches.
+"""Datasets: names, splits, label spaces, statistics, sources, per-host sharded batches.
 
-Host-side work is decode and batch only; augmentation and normalisation run on device.
+Host-side work is decode (+ resize for variable-size images) and batch only;
+augmentation and normalisation run on device.
 
-A split is loaded once into memory as uint8 NumPy (`load_split`). Every process holds
-the whole split, so that it can take its own slice of any global batch:
-CIFAR-10/100 train 50000x32x32x3 = 147 MiB, STL-10 train 5000x96x96x3 = 132 MiB,
-STL-10 unlabelled 100000x96x96x3 = 2.6 GiB, Fashion-MNIST train 60000x28x28x1 = 45 MiB.
+Sources: TFDS datasets and image folders (`image_folder`). `load_split` loads a split
+into memory as uint8 NumPy, every process the whole split (CIFAR-10/100 train
+50000x32x32x3 = 147 MiB, STL-10 unlabelled 100000x96x96x3 = 2.6 GiB, Fashion-MNIST
+train 60000x28x28x1 = 45 MiB); `record_source` opens it for random access instead
+(TFDS ArrayRecord data sources, prepared image folders), which `streaming` reads batch by
+batch, each process only its slice (`rr_jax.inputs` chooses per config).
 
-Data order (`batches`): epoch e is the permutation `default_rng([seed, e])` of the
-examples; global batch b of epoch e is `perm[b*M:(b+1)*M]` (the remainder of an epoch is
-dropped), and process p of P takes the p-th contiguous slice of it. The order is thus a
-function of (seed, step) alone: P processes together see exactly the global batches that
-one process sees, and a run resumed at step s sees what an uninterrupted run saw from s.
+Data order, one contract for both (`batch_indices`): epoch e is the permutation
+`default_rng([seed, e])` of the examples; global batch b of epoch e is
+`perm[b*M:(b+1)*M]` (the remainder of an epoch is dropped), and process p of P takes the
+p-th contiguous slice of it. The order is thus a function of (seed, step) alone: P
+processes together see exactly the global batches that one process sees, and a run
+resumed at step s sees what an uninterrupted run saw from s, from either source.
 
 Offline Fashion-MNIST: when the TFDS dataset is not prepared and the original files are
 in `DatasetSpec.offline_dir` (by default where Debian's package `dataset-fashion-mnist`
@@ -21,6 +25,7 @@ installs them), it is prepared from those files without network access.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import itertools
 import os
@@ -28,16 +33,20 @@ import shutil
 import tempfile
 import types
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.jax_utils
+import grain
 import jax
 import numpy as np
 import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+
+from rr_jax import image_folder
+from rr_jax.errors import DatasetError, DatasetNotFoundError
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -65,6 +74,12 @@ class DatasetSpec:
       offline_dir: directory with the dataset's original distribution files, used to
         prepare the TFDS dataset without network access (Fashion-MNIST only: the four
         idx .gz files). None: download only.
+      folder_layout: for image-folder datasets, one of `image_folder.LAYOUTS`; the
+        dataset is then read from `image_folder`, not from TFDS (`tfds_name` only names it).
+      image_folder: the root of the image-folder tree (set by the config).
+
+    Images whose stored size differs from `image_shape` (variable-size TFDS images such as
+    imagenet2012's, image folders) are resized on the host (`image_folder.fit_image`).
     """
 
     tfds_name: str
@@ -77,6 +92,8 @@ class DatasetSpec:
     test_split: str
     label_key: str = "label"
     offline_dir: str | None = None
+    folder_layout: str | None = None
+    image_folder: str | None = None
 
     def __post_init__(self):
         # Configs hand over lists; store tuples so that the spec stays immutable.
@@ -107,13 +124,21 @@ class DatasetSpec:
                 f"offline_dir is supported for {sorted(_OFFLINE_BUILDERS)} only, not for "
                 f"tfds_name={self.tfds_name!r}; leave it None."
             )
+        if self.folder_layout is not None and self.folder_layout not in image_folder.LAYOUTS:
+            raise ValueError(
+                f"folder_layout must be one of {list(image_folder.LAYOUTS)} or None, got {self.folder_layout!r}."
+            )
 
 
 def get_dataset_spec(name: str, label_space: str | None = None, **overrides: Any) -> DatasetSpec:
     """The spec of a known dataset (see `DATASETS`), optionally with fields replaced.
 
+    For an image-folder dataset with `image_folder=PATH` among the overrides, the number
+    of classes is that of the tree (a warning is logged where it differs from the
+    published one).
+
     Args:
-      name: a key of `DATASETS`: "cifar10", "cifar100", "stl10", "fashion_mnist".
+      name: a key of `DATASETS`, e.g. "cifar10", "tiny_imagenet", "imagenet2012".
         For another TFDS dataset construct a `DatasetSpec` with its statistics.
       label_space: a key of `DATASETS[name]`, e.g. "coarse" for the 20 CIFAR-100
         superclasses; None: the dataset's first (default) label space.
@@ -135,7 +160,11 @@ def get_dataset_spec(name: str, label_space: str | None = None, **overrides: Any
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"Unknown DatasetSpec fields {unknown}; valid: {sorted(fields)}.")
-    return dataclasses.replace(spaces[label_space], **overrides)
+    spec = dataclasses.replace(spaces[label_space], **overrides)
+    if spec.folder_layout is not None and spec.image_folder is not None:
+        names = image_folder.class_names(spec.image_folder, spec.folder_layout)
+        spec = dataclasses.replace(spec, num_classes=len(names))
+    return spec
 
 
 # ----------------------------------------------------------- offline Fashion-MNIST
@@ -255,6 +284,29 @@ DATASETS: Mapping[str, Mapping[str, DatasetSpec]] = types.MappingProxyType({
         pretrain_split="train", train_split="train", test_split="test",
         offline_dir=DEBIAN_FASHION_MNIST_DIR,
     )},
+    # Image folders (class count and names come from the tree, see `get_dataset_spec`);
+    # the official code normalises tiny-ImageNet and SlimageNet64 with 0.5 / 0.25.
+    "tiny_imagenet": {"label": DatasetSpec(
+        tfds_name="tiny_imagenet", image_shape=(64, 64, 3), num_classes=200,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        pretrain_split="train", train_split="train", test_split="test", folder_layout="tiny_imagenet",
+    )},
+    "slimagenet64": {"label": DatasetSpec(
+        tfds_name="slimagenet64", image_shape=(64, 64, 3), num_classes=1000,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        pretrain_split="train", train_split="train", test_split="test", folder_layout="slimagenet64",
+    )},
+    "image_folder": {"label": DatasetSpec(
+        tfds_name="image_folder", image_shape=(64, 64, 3), num_classes=1,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        pretrain_split="train", train_split="train", test_split="test", folder_layout="class_folders",
+    )},
+    # Manual download (see `_how_to_get`); variable-size images resized on the host.
+    "imagenet2012": {"label": DatasetSpec(
+        tfds_name="imagenet2012", image_shape=(224, 224, 3), num_classes=1000,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        pretrain_split="train", train_split="train", test_split="validation",
+    )},
 })
 
 
@@ -262,6 +314,12 @@ DATASETS: Mapping[str, Mapping[str, DatasetSpec]] = types.MappingProxyType({
 
 
 def _how_to_get(spec: DatasetSpec, data_dir: str) -> str:
+    if spec.tfds_name == "imagenet2012":
+        return (
+            "imagenet2012 needs a manual download: get ILSVRC2012_img_train.tar and "
+            "ILSVRC2012_img_val.tar from https://image-net.org/download-images.php and put them "
+            f"in {os.path.join(data_dir, 'downloads', 'manual')}; the next run prepares them."
+        )
     how = (
         f"Run once with network access (the dataset is then downloaded and prepared in "
         f"{data_dir}), or copy a prepared TFDS directory {spec.tfds_name}/<version> there."
@@ -298,6 +356,7 @@ def _prepare(
     data_dir: str,
     make_builder: Callable[..., tfds.core.DatasetBuilder],
     download_config: tfds.download.DownloadConfig,
+    file_format: str | None,
 ) -> None:
     """Prepares with `make_builder(data_dir=tmp)` in a temporary directory, then moves
     the finished dataset into `data_dir` with one rename; nothing is left on failure."""
@@ -306,7 +365,8 @@ def _prepare(
     try:
         builder = make_builder(data_dir=tmp)
         builder.download_and_prepare(
-            download_dir=os.path.join(tmp, "downloads"), download_config=download_config
+            download_dir=os.path.join(tmp, "downloads"), download_config=download_config,
+            file_format=file_format,
         )
         final = os.path.join(data_dir, os.path.relpath(builder.data_dir, tmp))
         os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -321,31 +381,42 @@ def _prepare(
 
 
 def _prepared_builder(
-    spec: DatasetSpec, data_dir: str | None, download: bool
+    spec: DatasetSpec, data_dir: str | None, download: bool, file_format: str | None = None
 ) -> tfds.core.DatasetBuilder:
-    """A TFDS builder of `spec.tfds_name` whose data is prepared, preparing it if needed."""
+    """A TFDS builder of `spec.tfds_name` whose data is prepared, preparing it if needed
+    (in `file_format`, e.g. "array_record" for random access; None: TFDS's default)."""
+    if spec.folder_layout is not None:
+        raise ValueError(f"Dataset {spec.tfds_name!r} is an image folder, not a TFDS dataset.")
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
+    features = builder.info.features
+    if file_format is None and "image" in features and None in features["image"].shape:
+        file_format = "array_record"  # variable-size images are read by random access and resized
     root = os.fspath(builder.data_dir_root)
     offline, offline_builder = spec.offline_dir, _OFFLINE_BUILDERS.get(spec.tfds_name)
+    manual_dir = os.path.join(root, "downloads", "manual")
     if offline and offline_builder.has_files(offline):
         _prepare(
             spec, root,
             lambda data_dir: offline_builder(source_dir=offline, data_dir=data_dir),
-            tfds.download.DownloadConfig(try_download_gcs=False),
+            tfds.download.DownloadConfig(try_download_gcs=False), file_format,
         )
         logging.info(
             "Prepared TFDS dataset %s in %s from the local files in %s (no download).",
             spec.tfds_name, root, offline,
         )
-    elif not download:
+    elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
         raise FileNotFoundError(
+            f"TFDS dataset {spec.tfds_name!r} is not prepared in {root}. " + _how_to_get(spec, root)
+        )
+    elif not download:
+        raise DatasetNotFoundError(
             f"TFDS dataset {spec.tfds_name!r} is not prepared in {root} and download=False. "
             + _how_to_get(spec, root)
         )
-    elif unreachable := _unreachable_hosts(builder):
-        raise FileNotFoundError(
+    elif not builder.MANUAL_DOWNLOAD_INSTRUCTIONS and (unreachable := _unreachable_hosts(builder)):
+        raise DatasetNotFoundError(
             f"TFDS dataset {spec.tfds_name!r} is not prepared in {root} and cannot be "
             f"downloaded: no answer from {unreachable}. " + _how_to_get(spec, root)
         )
@@ -353,40 +424,17 @@ def _prepared_builder(
         _prepare(
             spec, root,
             lambda data_dir: tfds.builder(spec.tfds_name, data_dir=data_dir),
-            tfds.download.DownloadConfig(),
+            tfds.download.DownloadConfig(manual_dir=manual_dir), file_format,
         )
+        logging.info("Prepared TFDS dataset %s in %s (%s).", spec.tfds_name, root, file_format or "tfrecord")
     return tfds.builder(spec.tfds_name, data_dir=root)
 
 
-def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
-    """The names of the classes of `spec.label_key`, in label order (prepares the
-    dataset if needed, like `load_split`)."""
-    return list(_prepared_builder(spec, data_dir, True).info.features[spec.label_key].names)
-
-
-def load_split(
-    spec: DatasetSpec, split: str, data_dir: str | None = None, *, download: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Loads one TFDS split into memory, preparing the dataset first if needed.
-
-    Args:
-      spec: the dataset (see `get_dataset_spec`).
-      split: a TFDS split, e.g. `spec.pretrain_split`, "train" or "train[:10%]".
-      data_dir: TFDS data directory; None: TFDS's default ($TFDS_DATA_DIR or
-        ~/tensorflow_datasets).
-      download: whether an unprepared dataset may be downloaded. Local files in
-        `spec.offline_dir` are used first either way.
-
-    Returns:
-      images uint8[N, H, W, C] and labels int32[N] (the `spec.label_key` feature; -1
-      for STL-10's "unlabelled" split), in TFDS's order.
-
-    Raises:
-      FileNotFoundError: the dataset is not prepared and cannot be obtained; the
-        message says how to get it.
-      ValueError: the TFDS dataset does not match `spec`.
-    """
-    builder = _prepared_builder(spec, data_dir, download)
+def _checked_builder(
+    spec: DatasetSpec, data_dir: str | None, download: bool, file_format: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """`_prepared_builder`, after checking that its features match `spec`."""
+    builder = _prepared_builder(spec, data_dir, download, file_format)
     features = builder.info.features
     if "image" not in features or spec.label_key not in features:
         raise ValueError(
@@ -394,10 +442,13 @@ def load_split(
             f"{spec.label_key!r} (label_key); it has {sorted(features.keys())}."
         )
     image, label = features["image"], features[spec.label_key]
-    if tuple(image.shape) != spec.image_shape or image.np_dtype != np.uint8:
+    stored = tuple(image.shape)
+    resizable = stored[2] == spec.image_shape[2] and None in stored[:2]
+    if (stored != spec.image_shape and not resizable) or image.np_dtype != np.uint8:
         raise ValueError(
             f"TFDS dataset {spec.tfds_name!r} stores {image.np_dtype} images of shape "
-            f"{image.shape}; spec.image_shape={spec.image_shape} and uint8 are required."
+            f"{image.shape}; spec.image_shape={spec.image_shape} (or variable height and width "
+            "with its channels) and uint8 are required."
         )
     if getattr(label, "num_classes", None) != spec.num_classes:
         raise ValueError(
@@ -405,19 +456,164 @@ def load_split(
             f"{getattr(label, 'num_classes', None)} classes; spec.num_classes="
             f"{spec.num_classes}."
         )
+    return builder
 
-    ds = builder.as_dataset(split=split, shuffle_files=False)
-    n = int(ds.cardinality())
-    ds = ds.map(lambda ex: (ex["image"], ex[spec.label_key])).batch(_READ_CHUNK)
-    images = np.empty((n, *spec.image_shape), np.uint8)
-    labels = np.empty((n,), np.int32)
-    start = 0
-    for x, y in tfds.as_numpy(ds):
-        images[start : start + len(x)], labels[start : start + len(x)] = x, y
-        start += len(x)
+
+def _folder_split(spec: DatasetSpec, split: str, data_dir: str | None) -> image_folder.PreparedSplit:
+    if not spec.image_folder:
+        raise ValueError(
+            f"Dataset {spec.tfds_name!r} is read from an image folder; set image_folder "
+            f"(--config.image_folder=PATH). " + image_folder.how_to_get(spec.folder_layout)
+        )
+    return image_folder.prepare_split(spec.image_folder, spec.folder_layout, split, data_dir or tfds.core.constants.DATA_DIR)
+
+
+def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
+    """The names of the classes of `spec.label_key`, in label order (prepares the
+    dataset if needed, like `load_split`)."""
+    if spec.folder_layout is not None:
+        return list(_folder_split(spec, spec.train_split, data_dir).class_names)
+    return list(_prepared_builder(spec, data_dir, True).info.features[spec.label_key].names)
+
+
+def supports_random_access(spec: DatasetSpec, data_dir: str | None = None) -> bool:
+    """Whether `record_source` can read the dataset as prepared now: image folders
+    always, TFDS datasets when prepared as ArrayRecord (or not prepared yet)."""
+    if spec.folder_layout is not None:
+        return True
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    return not builder.is_prepared() or builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def has_labels(split: str) -> bool:
+    """Whether a split carries labels: every split but TFDS STL-10's "unlabelled" (-1)."""
+    return split.split("[")[0] != "unlabelled"
+
+
+def split_size(spec: DatasetSpec, split: str, data_dir: str | None = None, *, download: bool = True) -> int:
+    """Number of examples of a split (e.g. "train[:10%]"), from metadata; prepares the
+    dataset if needed but reads no images."""
+    if spec.folder_layout is not None:
+        return _folder_split(spec, split, data_dir).num_examples
+    builder = _prepared_builder(spec, data_dir, download)
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        return len(builder.as_data_source(split))
+    return int(builder.as_dataset(split=split, shuffle_files=False).cardinality())
+
+
+class _TfdsRecords:
+    """A TFDS random-access data source as {"image": uint8[H, W, C] of the spec's shape,
+    "label": int32} records (variable-size images resized on the calling thread)."""
+
+    def __init__(self, source: Any, spec: DatasetSpec):
+        self._source, self._spec = source, spec
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        example = self._source[index]
+        return {"image": image_folder.fit_image(example["image"], self._spec.image_shape),
+                "label": np.int32(example[self._spec.label_key])}
+
+
+def record_source(
+    spec: DatasetSpec, split: str, data_dir: str | None = None, *, download: bool = True
+) -> Sequence[dict[str, np.ndarray]]:
+    """Random access to one split without loading it: `len(source)` examples,
+    `source[i]` -> {"image": uint8[H, W, C] (spec.image_shape), "label": int32}, decoded
+    (and resized where needed) on the calling thread; safe to call from several threads.
+
+    TFDS datasets are read with `tfds.data_source` from ArrayRecord files (a dataset not
+    yet prepared is prepared in that format); image folders from the ArrayRecord file
+    `image_folder.prepare_split` writes once.
+
+    Raises:
+      FileNotFoundError: the data is missing; the message says what to download and where.
+      ValueError: the dataset does not match `spec`, or it is prepared in another format.
+    """
+    if spec.folder_layout is not None:
+        source = image_folder.FolderSource(_folder_split(spec, split, data_dir), spec.image_shape)
+        where = spec.image_folder
+    else:
+        builder = _checked_builder(spec, data_dir, download, "array_record")
+        if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+            raise ValueError(
+                f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} is prepared as "
+                f"{builder.info.file_format.value}; streaming reads ArrayRecord files. Prepare it with "
+                f"`tfds build {spec.tfds_name} --file_format=array_record --data_dir=DIR` into another "
+                "data_dir, or load it into memory (config.data.streaming='memory')."
+            )
+        source = _TfdsRecords(builder.as_data_source(split), spec)
+        where = builder.data_dir
+    logging.info("Opened %s split %r for random access: %d examples of shape %s from %s.",
+                 spec.tfds_name, split, len(source), spec.image_shape, where)
+    return source
+
+
+def _read_all(source: Sequence[dict[str, np.ndarray]], shape: tuple[int, ...], threads: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.empty((len(source), *shape), np.uint8)
+    labels = np.empty((len(source),), np.int32)
+    records = grain.MapDataset.source(source).to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads))
+    for i, record in enumerate(records):
+        images[i], labels[i] = record["image"], record["label"]
+    return images, labels
+
+
+def load_split(
+    spec: DatasetSpec, split: str, data_dir: str | None = None, *, download: bool = True,
+    read_threads: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads one split into memory, preparing the dataset first if needed.
+
+    Args:
+      spec: the dataset (see `get_dataset_spec`).
+      split: a split, e.g. `spec.pretrain_split`, "train" or (TFDS) "train[:10%]".
+      data_dir: TFDS data directory (also where image folders are prepared); None:
+        TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+      download: whether an unprepared dataset may be downloaded. Local files in
+        `spec.offline_dir` are used first either way.
+      read_threads: threads decoding records read by random access (image folders,
+        datasets prepared as ArrayRecord, variable-size images).
+
+    Returns:
+      images uint8[N, H, W, C] and labels int32[N] (the `spec.label_key` feature; -1
+      for STL-10's "unlabelled" split), in the split's order (`record_source`'s).
+
+    Raises:
+      DatasetError: the prepared TFDS files are damaged; the message names the directory.
+      DatasetNotFoundError (a FileNotFoundError): the dataset is not prepared and cannot
+        be obtained; the message says how to get it.
+      ValueError: the dataset does not match `spec`.
+    """
+    builder = None if spec.folder_layout is not None else _checked_builder(spec, data_dir, download)
+    if builder is None or (builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+                           or tuple(builder.info.features["image"].shape) != spec.image_shape):
+        images, labels = _read_all(record_source(spec, split, data_dir, download=download), spec.image_shape, read_threads)
+        where = spec.image_folder if builder is None else builder.data_dir
+    else:
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        n = int(ds.cardinality())
+        ds = ds.map(lambda ex: (ex["image"], ex[spec.label_key])).batch(_READ_CHUNK)
+        images = np.empty((n, *spec.image_shape), np.uint8)
+        labels = np.empty((n,), np.int32)
+        start = 0
+        try:
+            for x, y in tfds.as_numpy(ds):
+                images[start : start + len(x)], labels[start : start + len(x)] = x, y
+                start += len(x)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+            raise DatasetError(
+                f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} is damaged: reading split "
+                f"{split!r} failed with {type(error).__name__}: {error.message.splitlines()[0]} "
+                f"Delete {builder.data_dir} and run again to prepare it anew. "
+                + _how_to_get(spec, os.fspath(builder.data_dir_root))
+            ) from None
+        where = builder.data_dir
     logging.info(
-        "Loaded TFDS %s split %r: %d examples of shape %s (%.1f MiB) from %s.",
-        spec.tfds_name, split, n, spec.image_shape, images.nbytes / 2**20, builder.data_dir,
+        "Loaded %s split %r: %d examples of shape %s (%.1f MiB) from %s.",
+        spec.tfds_name, split, len(images), spec.image_shape, images.nbytes / 2**20, where,
     )
     return images, labels
 
@@ -443,10 +639,10 @@ def _check_split(images: np.ndarray, labels: np.ndarray) -> None:
         )
 
 
-def _local_size(
+def local_batch_size(
     batch_size: int, process_index: int, process_count: int, local_device_count: int
 ) -> int:
-    """Examples per process of a global batch, checking the layout arguments."""
+    """Examples per process of a global batch (M / P), checking the layout arguments."""
     if not 0 <= process_index < process_count:
         raise ValueError(
             f"process_index must be in [0, process_count={process_count}), got {process_index}."
@@ -457,6 +653,71 @@ def _local_size(
             f"local_device_count = {process_count} * {local_device_count}."
         )
     return batch_size // process_count
+
+
+def check_order(seed: int, start_step: int) -> None:
+    """Raises ValueError unless seed and start_step are non-negative ints."""
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0) or start_step < 0:
+        raise ValueError(
+            f"seed and start_step must be non-negative ints, got {seed!r} and {start_step!r}."
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm.flags.writeable = False
+    return perm
+
+
+def batch_indices(
+    num_examples: int,
+    global_batch_size: int,
+    seed: int,
+    step: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
+    """The examples process `process_index` reads at `step`: int64[M / P].
+
+    The batching contract of every source: epoch e is the permutation
+    `np.random.default_rng([seed, e])` of the N examples; step s is global batch
+    `b = s % steps_per_epoch` of epoch `s // steps_per_epoch`, `perm[b*M:(b+1)*M]`
+    (the remainder of an epoch is dropped), and process p of P takes its p-th contiguous
+    slice. A pure function of its arguments (the last epochs' permutations are cached).
+    """
+    local = global_batch_size // process_count
+    epoch, b = divmod(step, steps_per_epoch(num_examples, global_batch_size))
+    start = b * global_batch_size + process_index * local
+    return _epoch_permutation(int(seed), epoch, num_examples)[start : start + local]
+
+
+def eval_indices(
+    num_examples: int, batch_size: int, batch: int, process_index: int = 0, process_count: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The examples process `process_index` reads for evaluation batch `batch`.
+
+    Global batch b holds examples [b*M, (b+1)*M), in order; the process takes its
+    contiguous slice. Past the end the last example is repeated and masked out.
+
+    Returns:
+      indices int64[M / P] and mask bool[M / P] (True for real examples).
+    """
+    local = batch_size // process_count
+    start = batch * batch_size + process_index * local
+    indices = np.arange(start, start + local)
+    mask = indices < num_examples
+    return np.minimum(indices, num_examples - 1), mask
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+    """ceil(N / M): evaluation batches of one pass, the same in every process."""
+    return -(-num_examples // batch_size)
+
+
+def per_device(batch: dict[str, np.ndarray], local_device_count: int) -> dict[str, np.ndarray]:
+    """Splits every leaf [B_local, ...] of a process batch into [L, B_local / L, ...]."""
+    return {k: v.reshape(local_device_count, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 def batches(
@@ -470,12 +731,11 @@ def batches(
     process_count: int = 1,
     local_device_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite shuffled training batches of this process, from step `start_step` on.
+    """Infinite shuffled training batches of this process, from step `start_step` on,
+    in the order of `batch_indices` (the contract `streaming.stream_batches` shares).
 
-    Epoch e uses the permutation `np.random.default_rng([seed, e])`; step s is batch
-    `s % steps_per_epoch` of epoch `s // steps_per_epoch`; this process takes the
-    `process_index`-th contiguous slice of each global batch. Starting at any step
-    costs one permutation, and yields exactly what a run from step 0 yields there.
+    Starting at any step costs one permutation, and yields exactly what a run from step
+    0 yields there.
 
     Args:
       images: uint8[N, H, W, C], the same array in every process.
@@ -488,27 +748,16 @@ def batches(
       local_device_count: L, devices of this process.
 
     Yields:
-      {"image": uint8[L, B, H, W, C], "label": int32[L, B]}, B = M / (P * L).
+      {"image": uint8[L, B, H, W, C], "label": int32[L, B], "index": int32[L, B]} (the
+      examples' positions in the split), B = M / (P * L).
     """
     _check_split(images, labels)
-    local = _local_size(global_batch_size, process_index, process_count, local_device_count)
-    num_steps = steps_per_epoch(len(images), global_batch_size)
-    if not (isinstance(seed, (int, np.integer)) and seed >= 0) or start_step < 0:
-        raise ValueError(
-            f"seed and start_step must be non-negative ints, got {seed!r} and {start_step!r}."
-        )
-    epoch, perm = None, None
+    local_batch_size(global_batch_size, process_index, process_count, local_device_count)
+    steps_per_epoch(len(images), global_batch_size)
+    check_order(seed, start_step)
     for step in itertools.count(start_step):
-        step_epoch, b = divmod(step, num_steps)
-        if step_epoch != epoch:
-            epoch = step_epoch
-            perm = np.random.default_rng([seed, epoch]).permutation(len(images))
-        start = b * global_batch_size + process_index * local
-        idx = perm[start : start + local]
-        yield {
-            "image": images[idx].reshape(local_device_count, -1, *images.shape[1:]),
-            "label": labels[idx].reshape(local_device_count, -1),
-        }
+        idx = batch_indices(len(images), global_batch_size, seed, step, process_index, process_count)
+        yield per_device({"image": images[idx], "label": labels[idx], "index": idx.astype(np.int32)}, local_device_count)
 
 
 def eval_batches(
@@ -520,11 +769,11 @@ def eval_batches(
     process_count: int = 1,
     local_device_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over a split in order, the last batch padded, for feature extraction.
+    """One pass over a split in order, the last batch padded, for feature extraction
+    (`eval_indices`; `streaming.stream_eval_batches` yields the same from a record source).
 
-    Global batch b holds examples [b*M, (b+1)*M); this process takes its contiguous
-    slice. The last batch is padded to full size and "mask" marks the real examples,
-    so every process runs the same number of steps, ceil(N / M).
+    Every process runs the same number of steps, ceil(N / M); "mask" marks the real
+    examples.
 
     Args:
       images: uint8[N, H, W, C]; labels: int32[N].
@@ -537,14 +786,10 @@ def eval_batches(
       B = M / (P * L).
     """
     _check_split(images, labels)
-    local = _local_size(batch_size, process_index, process_count, local_device_count)
-    n = len(images)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
-        mask = idx < n
-        idx = np.minimum(idx, n - 1)  # padding repeats the last example, masked out
-        batch = {"image": images[idx], "label": labels[idx], "mask": mask}
-        yield {k: v.reshape(local_device_count, -1, *v.shape[1:]) for k, v in batch.items()}
+    local_batch_size(batch_size, process_index, process_count, local_device_count)
+    for b in range(num_eval_batches(len(images), batch_size)):
+        idx, mask = eval_indices(len(images), batch_size, b, process_index, process_count)
+        yield per_device({"image": images[idx], "label": labels[idx], "mask": mask}, local_device_count)
 
 
 def prefetch_to_devices(

@@ -1,8 +1,8 @@
-"""Evaluations of frozen features: top-k accuracy, kNN, image retrieval, t-SNE, and plots.
+"""Evaluations of frozen features: top-k accuracy, kNN, retrieval, RankMe, t-SNE, and plots.
 
 The evaluation functions are pure (arrays in, numbers or arrays out) and jit-compiled;
 the plotting functions only draw what they are given and write a PNG. Features are
-float[N, D] rows, e.g. from `rr_jax.linear_probe.extract_features`.
+float[N, D] rows, e.g. from `rr_jax.features.extract_features`.
 
 - kNN classifier (the monitor of InstDisc, Wu et al. 2018, as used by DINO): cosine
   similarity to every training feature, the k most similar vote for their class with
@@ -10,6 +10,8 @@ float[N, D] rows, e.g. from `rr_jax.linear_probe.extract_features`.
 - Retrieval: the k nearest gallery items by cosine similarity; precision@k is the
   fraction of them that share the query's label (the paper's retrieval figure shows
   CIFAR queries with their top-10 neighbours).
+- RankMe (Garrido et al., 2023): the effective rank of the features, an unsupervised
+  monitor of dimensional collapse.
 - t-SNE (van der Maaten & Hinton, 2008): exact, O(N^2) memory and time per iteration,
   written in JAX so that it needs no extra dependency and runs in seconds for the
   1-2k points a readable plot holds; for more points use an approximate (Barnes-Hut)
@@ -211,6 +213,28 @@ def precision_at_k(neighbour_labels: jax.Array, query_labels: jax.Array) -> floa
         )
     _check_labels("query_labels", query_labels, np.shape(neighbour_labels)[0])
     return float(np.mean(np.asarray(neighbour_labels) == np.asarray(query_labels)[:, None]))
+
+
+# ------------------------------------------------------------------------- RankMe
+
+
+def rankme(embeddings: jax.Array, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., 2023), the effective rank of an embedding matrix[N, D]:
+    exp(-sum_k p_k log p_k) with p_k = sigma_k / sum(sigma) + eps over its singular
+    values. Between 1 (a collapsed representation: every row along one direction) and
+    min(N, D) (all singular values equal); r equal non-zero singular values give about r.
+    """
+    _check_features("embeddings", embeddings)
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1), got eps={eps!r}.")
+    return float(_rankme(jnp.asarray(embeddings, jnp.float32), eps))
+
+
+@jax.jit
+def _rankme(embeddings: jax.Array, eps: float) -> jax.Array:
+    singular_values = jnp.linalg.svd(embeddings, compute_uv=False)
+    p = singular_values / jnp.maximum(jnp.sum(singular_values), 1e-30) + eps
+    return jnp.exp(-jnp.sum(p * jnp.log(p)))
 
 
 # ------------------------------------------------------------------------- t-SNE
@@ -429,3 +453,42 @@ def plot_tsne(
     axis.set_title(f"t-SNE of {embedding.shape[0]} test features")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+# The curves of `plot_curves`: metric name in metrics.jsonl, axis title.
+CURVES = (
+    ("loss", "loss"),
+    ("accuracy", "pair accuracy"),
+    ("knn_top1", "kNN top-1"),
+    ("online_probe_top1", "online-probe top-1"),
+    ("rankme", "RankMe"),
+)
+
+
+def plot_curves(path: str, records: Sequence[dict[str, float]]) -> list[str]:
+    """Saves a PNG with one panel per metric of `CURVES` that the records hold, the
+    metric against the step.
+
+    Args:
+      path: the PNG to write.
+      records: metrics.jsonl records, each {'step': int, name: value, ...}, holding any
+        subset of the metrics.
+
+    Returns:
+      The names of the metrics drawn, in panel order.
+    """
+    names = [(name, title) for name, title in CURVES if any(name in r for r in records)]
+    if not names:
+        raise ValueError(f"The records hold none of the metrics {[n for n, _ in CURVES]}; nothing to plot.")
+    figure = Figure(figsize=(3.2 * len(names), 3.0))
+    for axis, (name, title) in zip(figure.subplots(1, len(names), squeeze=False)[0], names):
+        points = sorted((r["step"], r[name]) for r in records if name in r)
+        steps, values = zip(*points)
+        axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return [name for name, _ in names]
+

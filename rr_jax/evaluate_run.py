@@ -1,13 +1,15 @@
-"""kNN accuracy, image retrieval and t-SNE of a pretraining run's frozen backbone.
+"""kNN accuracy, image retrieval, t-SNE and training curves of a pretraining run.
 
-    python -m rr_jax.evaluate_run --workdir=DIR [--step=N] [--knn_k=20] [--no_plots]
+    python -m rr_jax.evaluate_run --workdir=DIR [--step=N] [--knn_k=20] [--noplots]
 
-Restores the backbone like the linear probe does (any device count), computes eval-mode
-features of the pretraining dataset's train and test splits once, and writes
-WORKDIR/evaluation_results.json (weighted kNN top-1/top-5 of the test images against the
-training images; retrieval precision@k of every test image against the training
-images), WORKDIR/retrieval.png (test queries with their top-k training neighbours) and
-WORKDIR/tsne.png (t-SNE of test features coloured by class).
+Restores the backbone like the linear probe does (`rr_jax.features`, any device count),
+computes eval-mode features of the pretraining dataset's train and test splits once,
+and writes WORKDIR/evaluation_results.json (weighted kNN top-1/top-5 of the test images
+against the training images; retrieval precision@k of every test image against the
+training images; RankMe of the test features), WORKDIR/retrieval.png (test queries with
+their top-k training neighbours), WORKDIR/tsne.png (t-SNE of test features coloured by
+class) and WORKDIR/curves.png (loss, pair accuracy, kNN top-1, online-probe top-1 and
+RankMe against the step, from WORKDIR/metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -25,14 +27,27 @@ from rr_jax import data
 from rr_jax.evaluate import (
     knn_accuracy,
     nearest_neighbours,
+    plot_curves,
     plot_retrieval,
     plot_tsne,
     precision_at_k,
+    rankme,
     tsne,
 )
-from rr_jax.linear_probe import extract_features, load_backbone
+from rr_jax.features import extract_features, restore_with_data
 
 RESULTS_FILE = "evaluation_results.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """The records of WORKDIR/metrics.jsonl ({'step': ..., name: value, ...}) in the
+    order they were written; [] when the run logged none."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def evaluate_run(
@@ -59,19 +74,19 @@ def evaluate_run(
       retrieval_k: neighbours retrieved per query for precision@k and the grid.
       num_queries: rows of the retrieval grid (random test images, drawn with `seed`).
       tsne_points: test images in the t-SNE plot (random, drawn with `seed`).
-      plots: write retrieval.png and tsne.png.
+      plots: write retrieval.png, tsne.png and (when the run logged metrics) curves.png.
 
     Returns:
       The results written to WORKDIR/evaluation_results.json.
     """
     start_time = time.perf_counter()
-    backbone, variables, config, used_step = load_backbone(workdir, step)
-    spec = data.get_dataset_spec(config["dataset"])
+    restored, spec, splits = restore_with_data(workdir, step=step, data_dir=data_dir)
+    config, used_step = restored.config, restored.step
     data_dir = config.get("data_dir") if data_dir is None else data_dir
-    train_images, train_labels = data.load_split(spec, spec.train_split, data_dir)
-    test_images, test_labels = data.load_split(spec, spec.test_split, data_dir)
+    train_images, train_labels = splits.train_images, splits.train_labels
+    test_images, test_labels = splits.test_images, splits.test_labels
     features = [
-        extract_features(backbone, variables, images, mean=spec.mean, std=spec.std)
+        extract_features(restored.backbone, restored.variables, images, mean=spec.mean, std=spec.std)
         for images in (train_images, test_images)
     ]
     knn = knn_accuracy(features[0], train_labels, features[1], test_labels, spec.num_classes,
@@ -88,6 +103,7 @@ def evaluate_run(
         "knn_top5": knn["top5"],
         "retrieval_k": retrieval_k,
         f"precision_at_{retrieval_k}": precision_at_k(train_labels[neighbours], test_labels),
+        "rankme": rankme(features[1]),
         "num_train": len(train_labels),
         "num_test": len(test_labels),
     }
@@ -104,6 +120,9 @@ def evaluate_run(
             os.path.join(workdir, "tsne.png"), np.asarray(tsne(features[1][points], perplexity=perplexity)),
             test_labels[points], data.class_names(spec, data_dir),
         )
+        records = read_metrics(workdir)
+        if records:
+            plot_curves(os.path.join(workdir, "curves.png"), records)
     results["wall_time_s"] = time.perf_counter() - start_time
     if jax.process_index() == 0:
         with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
@@ -121,7 +140,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("knn_k", 20, "Neighbours that vote in the kNN classifier.")
     flags.DEFINE_integer("retrieval_k", 10, "Neighbours retrieved per query.")
     flags.DEFINE_integer("tsne_points", 2000, "Test images in the t-SNE plot.")
-    flags.DEFINE_bool("plots", True, "Write retrieval.png and tsne.png.")
+    flags.DEFINE_bool("plots", True, "Write retrieval.png, tsne.png and curves.png.")
 
 
 def main(argv: list[str]) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -55,137 +54,17 @@ import optax
 from absl import app, flags, logging
 
 from rr_jax import data
-from rr_jax.augment import random_horizontal_flip
-from rr_jax.backbones import BACKBONES, create_backbone
-from rr_jax.checkpoint import Checkpointer, checkpoint_dir, save_probe
+from rr_jax.augment import normalize_images, random_crop_flip
+from rr_jax.checkpoint import save_probe
 from rr_jax.evaluate import topk_accuracy
+from rr_jax.features import extract_features, feature_dim, restore_with_data
+from rr_jax.online_probe import LinearHead, classify, cross_entropy, init_head
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 FINETUNE_BACKBONE_LR = 1e-3
 FINETUNE_HEAD_LR = 1e-4
 FINETUNE_WEIGHT_DECAY = 1e-5
-FEATURE_BATCH_SIZE = 512
-_AXIS = "batch"
-
-
-# ------------------------------------------------------------------------ restore
-
-
-def load_backbone(workdir: str, step: int | None = None) -> tuple[nn.Module, Any, dict, int]:
-    """The pretrained backbone of a workdir: (module, variables, config dict, step).
-
-    Reads only the backbone item and the config of WORKDIR/checkpoints/<step> (default:
-    the latest step). The variables {'params', 'batch_stats'} come back as NumPy arrays
-    of one replica, whatever the device count of the run that wrote them. The module
-    computes in float32 and takes no axis name.
-
-    Raises:
-      FileNotFoundError: no checkpoint (or no checkpoint of `step`) in the workdir.
-      ValueError: the checkpoint is corrupt or incomplete.
-    """
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"No checkpoints in --workdir={workdir!r} (no directory {directory}); pretrain "
-            "first (python launch.py --config=... --workdir=...)."
-        )
-    checkpointer = Checkpointer(workdir)
-    steps = checkpointer.all_steps()
-    try:
-        variables, config = checkpointer.restore_backbone(step)
-    except (ValueError, KeyError) as error:
-        raise ValueError(
-            f"The checkpoint of step {steps[-1] if step is None else step} in {directory} is "
-            f"corrupt or incomplete ({error}); probe another step (available: {steps})."
-        ) from error
-    finally:
-        checkpointer.close()
-    name = config.get("model", {}).get("backbone")
-    if name not in BACKBONES or set(variables) != {"params", "batch_stats"}:
-        raise ValueError(
-            f"The checkpoint in {directory} is not a backbone checkpoint: config names "
-            f"backbone {name!r} (known: {sorted(BACKBONES)}), variables hold {sorted(variables)} "
-            "(expected ['batch_stats', 'params'])."
-        )
-    return create_backbone(name), variables, config, steps[-1] if step is None else step
-
-
-def check_input_shape(
-    backbone: nn.Module, variables: Any, image_shape: tuple[int, int, int], dataset: str = ""
-) -> None:
-    """Raises ValueError unless the backbone with these variables takes images [H, W, C]
-    of `image_shape` (e.g. a backbone pretrained on RGB images cannot take gray ones)."""
-    try:
-        jax.eval_shape(
-            functools.partial(backbone.apply, train=False),
-            variables,
-            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
-        )
-    except flax.errors.FlaxError as error:
-        raise ValueError(
-            f"The pretrained backbone cannot take images of shape {tuple(image_shape)} "
-            f"{f'of dataset {dataset!r} ' if dataset else ''}: {error} Probe a dataset "
-            "with as many channels as the pretraining images."
-        ) from error
-
-
-# ----------------------------------------------------------------------- features
-
-
-def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
-    """uint8[..., C] -> float32 (x / 255 - mean) / std, as the pretraining pipeline."""
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("backbone", "mean", "std"))
-def _eval_features(variables, images, *, backbone, mean, std):
-    return backbone.apply(variables, normalize(images, mean, std), train=False)
-
-
-def extract_features(
-    backbone: nn.Module,
-    variables: Any,
-    images: np.ndarray,
-    *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int = FEATURE_BATCH_SIZE,
-    devices: list[jax.Device] | None = None,
-) -> np.ndarray:
-    """Features of the backbone in eval mode on normalised images, in order.
-
-    Each batch is split over `devices` (default: all local devices) by one jit-compiled
-    call on sharded inputs; the last batch is padded, and the padding dropped.
-
-    Args:
-      backbone, variables: a backbone module and its {'params', 'batch_stats'}.
-      images: uint8[N, H, W, C].
-      mean, std: per-channel statistics of pixels in [0, 1].
-      batch_size: images per call, rounded up to a multiple of the device count.
-      devices: the devices to spread each batch over.
-
-    Returns:
-      float32[N, D] NumPy array.
-    """
-    if np.ndim(images) != 4 or np.asarray(images).dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8[N, H, W, C], got {np.asarray(images).dtype}{np.shape(images)}."
-        )
-    devices = jax.local_devices() if devices is None else list(devices)
-    mesh = jax.sharding.Mesh(np.array(devices), (_AXIS,))
-    spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_AXIS))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    variables = jax.device_put(variables, replicated)
-    batch_size = -(-batch_size // len(devices)) * len(devices)
-    options = dict(backbone=backbone, mean=tuple(mean), std=tuple(std))
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        batch = np.pad(batch, ((0, batch_size - len(batch)),) + ((0, 0),) * 3)
-        outputs.append(_eval_features(variables, jax.device_put(batch, spread), **options))
-    return np.concatenate(jax.device_get(outputs))[: len(images)]
 
 
 # ---------------------------------------------------------------------- few labels
@@ -217,38 +96,11 @@ def _check_fraction(fraction: float) -> None:
 # ------------------------------------------------------------------------ training
 
 
-def _uniform(bound: float) -> Callable:
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, dtype, -bound, bound
-    )
-
-
-class LinearHead(nn.Module):
-    """One Dense layer, initialised as PyTorch's nn.Linear: weights and bias uniform in
-    +-1/sqrt(D). ``__call__(features: [N, D]) -> logits [N, num_classes]``."""
-
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, features: jax.Array) -> jax.Array:
-        init = _uniform(1.0 / math.sqrt(features.shape[-1]))
-        return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="dense")(features)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init_head(num_classes: int, key: jax.Array, dim: int) -> Any:
-    return LinearHead(num_classes).init(key, jnp.zeros((1, dim)))["params"]
-
-
 @flax.struct.dataclass
 class _Carry:
     params: Any
     batch_stats: Any
     opt_state: Any
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +112,7 @@ class _LinearLoss:
 
     def __call__(self, params, batch_stats, inputs, labels, key):
         logits = self.head.apply({"params": params}, inputs)
-        return _cross_entropy(logits, labels), (logits, batch_stats)
+        return cross_entropy(logits, labels), (logits, batch_stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,10 +130,10 @@ class _FinetuneLoss:
         views = jax.vmap(random_crop_flip, in_axes=(0, 0, None))(keys, inputs, self.padding)
         features, updates = self.backbone.apply(
             {"params": params["backbone"], "batch_stats": batch_stats},
-            normalize(views, self.mean, self.std), train=True, mutable=["batch_stats"],
+            normalize_images(views, mean=self.mean, std=self.std), train=True, mutable=["batch_stats"],
         )
         logits = self.head.apply({"params": params["head"]}, features)
-        return _cross_entropy(logits, labels), (logits, updates["batch_stats"])
+        return cross_entropy(logits, labels), (logits, updates["batch_stats"])
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size"))
@@ -397,7 +249,7 @@ def train_linear_classifier(
     head = LinearHead(num_classes)
     init_key, fit_key = jax.random.split(key)
     features = jnp.asarray(features, jnp.float32)
-    params = _init_head(num_classes, init_key, features.shape[1])
+    params = init_head(num_classes, init_key, features.shape[1])
     params, _, history = _fit(
         fit_key, params, {}, features, jnp.asarray(labels, jnp.int32), loss_fn=_LinearLoss(head),
         optimizer=_adam(learning_rate), epochs=epochs, batch_size=batch_size,
@@ -405,30 +257,7 @@ def train_linear_classifier(
     return params, history
 
 
-@jax.jit
-def classify(head_params: Any, features: jax.Array) -> jax.Array:
-    """Logits float32[N, C] of a `LinearHead` with `head_params` on features [N, D]."""
-    num_classes = head_params["dense"]["bias"].shape[0]
-    features = jnp.asarray(features, jnp.float32)
-    return LinearHead(num_classes).apply({"params": head_params}, features)
-
-
 # --------------------------------------------------------------------- fine-tuning
-
-
-def random_crop_flip(key: jax.Array, image: jax.Array, padding: int) -> jax.Array:
-    """A random HxW crop of the image zero-padded by `padding` on each side, mirrored
-    left-right with probability 1/2 (torchvision RandomCrop(padding) + flip).
-
-    image: [H, W, C] of any dtype (zero padding is black for uint8 pixels).
-    """
-    height, width, channels = image.shape
-    top_key, left_key, flip_key = jax.random.split(key, 3)
-    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    top = jax.random.randint(top_key, (), 0, 2 * padding + 1)
-    left = jax.random.randint(left_key, (), 0, 2 * padding + 1)
-    crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
-    return random_horizontal_flip(flip_key, crop, prob=0.5)
 
 
 @functools.cache
@@ -485,9 +314,8 @@ def finetune_backbone(
     _check_training_set(images, labels, num_classes, epochs, batch_size)
     head = LinearHead(num_classes)
     init_key, fit_key = jax.random.split(key)
-    dummy = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]), jnp.float32)
-    dim = jax.eval_shape(functools.partial(backbone.apply, train=False), variables, dummy).shape[-1]
-    params = {"backbone": variables["params"], "head": _init_head(num_classes, init_key, dim)}
+    dim = feature_dim(backbone, variables, np.shape(images)[1:])
+    params = {"backbone": variables["params"], "head": init_head(num_classes, init_key, dim)}
 
     params, batch_stats, history = _fit(
         fit_key,
@@ -561,14 +389,14 @@ def run_probe(
     """
     start_time = time.perf_counter()
     _check_fraction(label_fraction)
-    backbone, variables, config, used_step = load_backbone(workdir, step)
+    restored, spec, splits = restore_with_data(
+        workdir, step=step, dataset=dataset, label_space=label_space, data_dir=data_dir
+    )
+    backbone, variables, config, used_step = restored.backbone, restored.variables, restored.config, restored.step
     pretrain_dataset = config["dataset"]
-    spec = data.get_dataset_spec(dataset or pretrain_dataset, label_space)
     space = label_space or next(iter(data.DATASETS[dataset or pretrain_dataset]))
-    check_input_shape(backbone, variables, spec.image_shape, dataset or pretrain_dataset)
-    data_dir = config.get("data_dir") if data_dir is None else data_dir
-    train_images, train_labels = data.load_split(spec, spec.train_split, data_dir)
-    test_images, test_labels = data.load_split(spec, spec.test_split, data_dir)
+    train_images, train_labels = splits.train_images, splits.train_labels
+    test_images, test_labels = splits.test_images, splits.test_labels
     if label_fraction < 1.0:
         subset = label_subset(train_labels, label_fraction, seed)
         train_images, train_labels = train_images[subset], train_labels[subset]

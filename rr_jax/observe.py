@@ -39,20 +39,29 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """A tqdm bar over steps showing loss, pair accuracy and images per second."""
+    """A tqdm bar over steps showing the loss, the objective's accuracy (when it has one),
+    images per second, and the latest monitor values (online probe top-1, kNN top-1)
+    once they are logged."""
+
+    _SHOWN = (  # scalar name, label, format
+        ("loss", "loss", ".4f"), ("accuracy", "acc", ".3f"), ("images_per_second", "img_s", ".0f"),
+        ("online_probe_top1", "probe", ".3f"), ("knn_top1", "knn", ".3f"),
+    )
 
     def __init__(self, total_steps: int, start_step: int = 0):
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._postfix = {}
 
     def __enter__(self):
         return self
 
     def update(self, step: int, scalars: dict[str, float]) -> None:
-        self._bar.set_postfix(
-            loss=f"{scalars['loss']:.4f}",
-            pair_acc=f"{scalars['accuracy']:.3f}",
-            img_s=f"{scalars['images_per_second']:.0f}",
-        )
+        """Moves the bar to `step` and shows those of `scalars` it knows, keeping the
+        latest value of the others."""
+        for name, label, fmt in self._SHOWN:
+            if name in scalars:
+                self._postfix[label] = format(scalars[name], fmt)
+        self._bar.set_postfix({label: self._postfix[label] for _, label, _ in self._SHOWN if label in self._postfix})
         self._bar.update(step - self._bar.n)
 
     def __exit__(self, *exc):

@@ -1,4 +1,4 @@
-"""Relational pretraining: the train state, the pure train step, its pmap, the loop.
+"""Pretraining: the train state, the pure train step, its pmap, the loop.
 
 `train_step` is a pure function of (state, images) with every option bound by
 keyword; `parallel_train_step` is the one place that calls `jax.pmap` (axis 'batch'),
@@ -8,15 +8,13 @@ checkpoints, metrics, preemption.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -26,16 +24,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from rr_jax import data
-from rr_jax.augment import AugmentConfig, augment_views
+from rr_jax import data, inputs, online_probe
+from rr_jax.augment import normalize_images
 from rr_jax.backbones import create_backbone
-from rr_jax.baselines import ProjectionHead, classification_loss, nt_xent_loss
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
-from rr_jax.evaluate import knn_accuracy
-from rr_jax.linear_probe import extract_features
+from rr_jax.errors import Preempted, ResumeError
+from rr_jax.features import extract_features, feature_dim
+from rr_jax.monitors import Monitors, with_labelled_batches
+from rr_jax.objectives import Objective, get_objective
 from rr_jax.observe import MetricsLog, ProgressBar
-from rr_jax.relational import init_relation_head, relational_loss
+from rr_jax.run_dir import HEAD_FIELDS, WEIGHT_FIELDS, RunDirectory, check_resumable
 
 AXIS = "batch"
 
@@ -46,7 +45,9 @@ class TrainState:
 
     params / batch_stats: {'backbone': ..., 'head': ...}; rng: uint32 key data of the
     run's base key (step keys are derived from it and the step, so a resumed run draws
-    exactly the keys an uninterrupted one would).
+    exactly the keys an uninterrupted one would); objective_state: what the objective
+    carries between steps ({} for most; DeepCluster's clusters); online_probe: the online
+    linear probe's params and optimizer state (`rr_jax.online_probe`), None when it is off.
     """
 
     step: jax.Array
@@ -54,36 +55,22 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    objective_state: Any
+    online_probe: online_probe.OnlineProbeState | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveOptions:
-    """Static options of the pretraining objective.
-
-    method: 'relational' (see `relational_loss` for the other fields; `head` is 'mlp',
-    the relation head, or 'dot', the dot-product ablation), 'simclr' (NT-Xent on two
-    views, `temperature`) or 'supervised' (cross-entropy with labels).
-    """
-
-    method: str = "relational"
-    num_views: int = 32
-    aggregation: str = "cat"
-    negatives: str = "derangement"
-    loss: str = "focal"
-    global_negatives: bool = False
-    temperature: float = 0.5
-    head: str = "mlp"
+def make_objective(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> Objective:
+    """The objective of `config.method` with its options from the config."""
+    return get_objective(config.method).from_config(config, spec)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """The learning rate per step; unset config fields take the method's defaults.
-
-    Self-supervised methods: 1e-3, constant (the paper). 'supervised': 0.1, x0.1 at 50%
-    and 75% of training ('multistep').
-    """
-    opt, supervised = config.optimizer, config.method == "supervised"
-    base = opt.learning_rate or (0.1 if supervised else 1e-3)
-    schedule = opt.schedule or ("multistep" if supervised else "constant")
+    """The learning rate per step; unset config fields take the method's defaults
+    (`Objective.optimizer`: Adam 1e-3 constant for most, the paper; 'supervised':
+    0.1, x0.1 at 50% and 75% of training ('multistep'); 'deepinfomax': 1e-4)."""
+    opt, defaults = config.optimizer, get_objective(config.method).optimizer
+    base = opt.learning_rate or defaults.learning_rate
+    schedule = opt.schedule or defaults.schedule
     if schedule == "cosine":
         return optax.cosine_decay_schedule(base, max(total_steps, 1))
     if schedule == "multistep":
@@ -94,11 +81,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """Adam (AdamW when weight_decay > 0) for the self-supervised methods; SGD with
-    momentum (and L2 weight decay) for 'supervised'; or `config.optimizer.name`."""
+    """`config.optimizer.name` or the method's default: Adam (AdamW when weight_decay >
+    0), or SGD with momentum (and L2 weight decay)."""
     opt = config.optimizer
     learning_rate = learning_rate_schedule(config, total_steps)
-    name = opt.name or ("sgd" if config.method == "supervised" else "adam")
+    name = opt.name or get_objective(config.method).optimizer.name
     if name == "sgd":
         return optax.chain(
             optax.add_decayed_weights(opt.weight_decay),
@@ -114,59 +101,27 @@ def make_backbone(config: ml_collections.ConfigDict, axis_name: str | None = AXI
     return create_backbone(config.model.backbone, axis_name=axis_name, dtype=dtype)
 
 
-def make_augment_config(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> AugmentConfig:
-    """The augmentation of `config.augment`, normalised with the dataset's statistics.
-
-    'supervised' keeps crop and flip only (no colour jitter, no grayscale).
-    """
-    fields = config.augment.to_dict()
-    if config.method == "supervised":
-        fields.update(jitter_prob=0.0, grayscale_prob=0.0)
-    return AugmentConfig(**fields, mean=spec.mean, std=spec.std)
-
-
-def objective_options(config: ml_collections.ConfigDict) -> ObjectiveOptions:
-    """The static objective options of a config ('simclr': 2 views, 'supervised': 1)."""
-    rel = config.relational
-    views = {"simclr": 2, "supervised": 1}.get(config.method, rel.num_views)
-    return ObjectiveOptions(
-        config.method, views, rel.aggregation, rel.negatives, rel.loss, rel.global_negatives,
-        config.simclr.temperature, rel.head,
-    )
-
-
-def _head(options: ObjectiveOptions, num_classes: int) -> nn.Module | None:
-    """The method's head module on backbone features (None: the relation head)."""
-    if options.method == "simclr":
-        return ProjectionHead()
-    if options.method == "supervised":
-        return nn.Dense(num_classes)
-    return None
-
-
 def create_train_state(
     key: jax.Array,
     backbone: nn.Module,
     optimizer: optax.GradientTransformation,
     image_shape: tuple[int, int, int],
     *,
-    options: ObjectiveOptions = ObjectiveOptions(),
-    hidden_dim: int = 256,
+    objective: Objective,
     num_classes: int = 10,
+    num_examples: int = 0,
 ) -> TrainState:
-    """Fresh parameters for a backbone taking images [H, W, C] and the method's head."""
+    """Fresh parameters for a backbone taking images [H, W, C] and the objective's head,
+    and the objective's state for a pretraining split of `num_examples` images."""
     init_key, head_key, run_key = jax.random.split(key, 3)
     dummy = jnp.zeros((2, *image_shape), jnp.float32)
     backbone_vars = backbone.init(init_key, dummy, train=False)
-    dim = jax.eval_shape(lambda v: backbone.apply(v, dummy, train=False), backbone_vars).shape[-1]
-    head = _head(options, num_classes)
-    if head is None:
-        head_vars = init_relation_head(
-            head_key, dim, aggregation=options.aggregation, hidden_dim=hidden_dim,
-            head=options.head,
-        )
-    else:
-        head_vars = {"batch_stats": {}, **head.init(head_key, jnp.zeros((2, dim)))}
+    capture = objective.capture() or False
+    features, intermediates = jax.eval_shape(
+        lambda v: backbone.apply(v, dummy, train=False, capture_intermediates=capture, mutable=["intermediates"]),
+        backbone_vars,
+    )
+    head_vars = objective.init_head(head_key, features, intermediates.get("intermediates", {}), num_classes)
     params = {"backbone": backbone_vars["params"], "head": head_vars["params"]}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -174,33 +129,8 @@ def create_train_state(
         batch_stats={"backbone": backbone_vars["batch_stats"], "head": head_vars["batch_stats"]},
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(run_key),
+        objective_state=objective.init_state(num_examples, num_classes),
     )
-
-
-def objective_loss(
-    features: jax.Array,
-    head_variables: Any,
-    key: jax.Array,
-    labels: jax.Array,
-    *,
-    options: ObjectiveOptions,
-    num_classes: int,
-    axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """The method's loss on backbone features[K, B, D] -> (loss, metrics, head batch_stats)."""
-    if options.method == "relational":
-        return relational_loss(
-            features, head_variables, key,
-            aggregation=options.aggregation, negatives=options.negatives, loss=options.loss,
-            axis_name=axis_name, global_negatives=options.global_negatives,
-        )
-    head = _head(options, num_classes)
-    outputs = head.apply({"params": head_variables["params"]}, features)
-    if options.method == "simclr":
-        loss, accuracy = nt_xent_loss(outputs[0], outputs[1], options.temperature)
-    else:
-        loss, accuracy = classification_loss(outputs[0], labels)
-    return loss, {"loss": loss, "accuracy": accuracy}, head_variables["batch_stats"]
 
 
 def train_step(
@@ -209,27 +139,30 @@ def train_step(
     *,
     backbone: nn.Module,
     optimizer: optax.GradientTransformation,
-    augment: AugmentConfig,
-    options: ObjectiveOptions,
-    num_classes: int = 10,
+    objective: Objective,
     axis_name: str | None = None,
+    probe_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One pretraining step on {'image': uint8[B, H, W, C], 'label': int[B]}; pure.
 
-    Augments K views on device, runs the backbone once on all K*B views, applies the
-    method's objective (relational: every pair scored by the relation head) and takes
-    an optimizer step. Under `axis_name`, gradients, metrics and BatchNorm statistics
-    are averaged over devices and each device augments with its own key; the negatives'
-    key is shared so that `global_negatives` draws one derangement of the whole batch.
-    Labels are used by 'supervised' only.
+    The objective makes K views of each image on device; the backbone runs once on all
+    K*B views; the objective's loss scores them; an optimizer step follows. Under
+    `axis_name`, gradients and BatchNorm statistics are averaged over devices and each
+    device augments with its own key; the loss's key is shared when the objective asks
+    for it (e.g. one derangement of the whole batch). Metrics are device means, except
+    counts (names starting with 'num_', e.g. 'num_pairs'), which are totals over devices.
+    With `state.online_probe` set, `probe_optimizer` takes one step of the online probe on
+    the stop-gradient eval-mode features of the batch's unaugmented images (of
+    'probe_image' / 'probe_label' when the batch carries those: labelled images
+    alongside an unlabelled split).
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    augment_key, pair_key = jax.random.split(step_key)
+    augment_key, loss_key = jax.random.split(step_key)
     if axis_name is not None:
         augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
-        if not options.global_negatives:
-            pair_key = jax.random.fold_in(pair_key, jax.lax.axis_index(axis_name))
-    views = augment_views(augment_key, batch["image"], options.num_views, augment)
+        if not objective.shared_loss_key:
+            loss_key = jax.random.fold_in(loss_key, jax.lax.axis_index(axis_name))
+    views, targets = objective.inputs(augment_key, batch, state.objective_state)
     num_views, batch_size = views.shape[:2]
 
     def loss_fn(params):
@@ -238,18 +171,23 @@ def train_step(
             views.reshape(num_views * batch_size, *views.shape[2:]),
             train=True,
             mutable=["batch_stats"],
+            capture_intermediates=objective.capture() or False,
         )
-        loss, metrics, head_stats = objective_loss(
+        loss, metrics, head_stats = objective.loss(
             features.reshape(num_views, batch_size, -1),
             {"params": params["head"], "batch_stats": state.batch_stats["head"]},
-            pair_key, batch["label"],
-            options=options, num_classes=num_classes, axis_name=axis_name,
+            loss_key, targets,
+            intermediates=updates.get("intermediates", {}), objective_state=state.objective_state,
+            axis_name=axis_name,
         )
         return loss, (metrics, {"backbone": updates["batch_stats"], "head": head_stats})
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
-        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        grads = jax.lax.pmean(grads, axis_name)
+        # Counts ('num_pairs') add up over devices; rates and losses are averaged.
+        metrics = {k: (jax.lax.psum if k.startswith("num_") else jax.lax.pmean)(v, axis_name)
+                   for k, v in metrics.items()}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
@@ -257,6 +195,19 @@ def train_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    if state.online_probe is not None:
+        if probe_optimizer is None:
+            raise ValueError("The state holds an online probe: pass probe_optimizer (rr_jax.online_probe.make_optimizer).")
+        images = normalize_images(batch.get("probe_image", batch["image"]),
+                                  mean=objective.augment.mean, std=objective.augment.std)
+        probe_features = backbone.apply(
+            {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}, images, train=False
+        )
+        probe_state, probe_metrics = online_probe.update(
+            state.online_probe, jax.lax.stop_gradient(probe_features), batch.get("probe_label", batch["label"]),
+            optimizer=probe_optimizer, axis_name=axis_name,
+        )
+        new_state, metrics = new_state.replace(online_probe=probe_state), {**metrics, **probe_metrics}
     return new_state, metrics
 
 
@@ -293,37 +244,6 @@ def _all_finite(tree: Any) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
 
 
-def knn_monitor(
-    config: ml_collections.ConfigDict, spec: data.DatasetSpec
-) -> Callable[[TrainState], float] | None:
-    """The online monitor of `config.knn_monitor`: a function of an unreplicated state
-    giving the weighted kNN top-1 accuracy of its backbone (eval mode) on the first
-    `num_test` test images against the first `num_train` training images; None when off.
-    """
-    monitor = config.knn_monitor
-    if not monitor.every_steps:
-        return None
-    bank_images, bank_labels = (
-        a[: monitor.num_train] for a in data.load_split(spec, spec.train_split, config.data_dir)
-    )
-    test_images, test_labels = (
-        a[: monitor.num_test] for a in data.load_split(spec, spec.test_split, config.data_dir)
-    )
-    backbone = make_backbone(config, axis_name=None)
-    features = functools.partial(extract_features, backbone, mean=spec.mean, std=spec.std)
-    logging.info("kNN monitor every %d steps: %d test images against %d training images of %s.",
-                 monitor.every_steps, len(test_labels), len(bank_labels), spec.tfds_name)
-
-    def accuracy(state: TrainState) -> float:
-        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
-        return knn_accuracy(
-            features(variables, bank_images), bank_labels, features(variables, test_images),
-            test_labels, spec.num_classes, k=monitor.k, temperature=monitor.temperature,
-        )["top1"]
-
-    return accuracy
-
-
 class _Preemption:
     """Remembers a SIGTERM (a TPU preemption notice) until the loop can save and stop."""
 
@@ -342,45 +262,126 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state."""
+def _restore(
+    checkpointer: Checkpointer,
+    fresh: TrainState,
+    config: ml_collections.ConfigDict,
+    allow_config_change: Sequence[str],
+    primary: bool,
+) -> tuple[TrainState, int]:
+    """The newest checkpoint of the workdir that restores, as (state, its step).
+
+    A step whose config differs from `config` in fields that change what is trained is
+    refused (ResumeError). A step that fails to restore (damaged after it was written) is
+    moved aside with a warning and the previous one is tried. Step 0 without a train
+    state holds imported weights (rr_jax.convert): pretraining continues from them.
+    None restores: (fresh, 0).
+    """
+    current = config.to_dict()
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            saved = checkpointer.restore_config(step)
+            if checkpointer.has_item(step, "state"):
+                check_resumable(saved, current, step=step, allow=allow_config_change)
+                return jax.tree.map(jnp.asarray, checkpointer.restore_state(step, fresh)), step
+            if step == 0:
+                return _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change), 0
+            raise KeyError(f"step {step} has no train state")
+        except ResumeError:
+            raise
+        except Exception as error:  # any damage: fall back to an older step
+            where = checkpointer.set_aside(step) if primary else "place"
+            logging.warning(
+                "The checkpoint of step %d cannot be restored (%s: %s); it is left in %s for "
+                "inspection and the previous checkpoint is tried.",
+                step, type(error).__name__, str(error).splitlines()[0][:300], where,
+            )
+    return fresh, 0
+
+
+def _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change) -> TrainState:
+    """`fresh` with the backbone (and, when shapes agree, the relation head) of the
+    imported weights of step 0; the optimizer state starts afresh."""
+    head = checkpointer.restore_head(0)
+    if head is not None and jax.tree.structure(head["params"]) != jax.tree.structure(fresh.params["head"]):
+        head = None  # an imported relation head, and this method trains another head
+    fields = WEIGHT_FIELDS + (HEAD_FIELDS if head is not None else ())
+    check_resumable(saved, current, step=0, only=fields, allow=allow_config_change)
+    backbone, _ = checkpointer.restore_backbone(0)
+    params, batch_stats = dict(fresh.params), dict(fresh.batch_stats)
+    params["backbone"], batch_stats["backbone"] = backbone["params"], backbone["batch_stats"]
+    if head is not None:
+        params["head"], batch_stats["head"] = head["params"], head["batch_stats"]
+    logging.info("Continuing pretraining from the imported weights of step 0 (backbone%s).",
+                 " and relation head" if head is not None else "")
+    imported = fresh.replace(params=params, batch_stats=batch_stats)
+    chex.assert_trees_all_equal_shapes_and_dtypes(imported.params, fresh.params)
+    return jax.tree.map(jnp.asarray, imported)
+
+
+def pretrain(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: Sequence[str] = ()
+) -> TrainState:
+    """Pretrains (or resumes) the run in `workdir`; returns the final unreplicated state.
+
+    Raises:
+      ConfigError: a config field is not allowed (before anything is created).
+      WorkdirBusyError: another live run holds `workdir`.
+      ResumeError: the checkpoint's config differs in fields not in RESUMABLE_FIELDS or
+        `allow_config_change`.
+      Preempted: SIGTERM arrived; the checkpoint of the step reached is saved.
+    """
     validate_config(config, workdir)
-    spec = data.get_dataset_spec(config.dataset)
-    images, labels = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
-    steps_per_epoch = data.steps_per_epoch(len(images), config.batch_size)
+    with RunDirectory(workdir, primary=jax.process_index() == 0, process_index=jax.process_index()) as run:
+        return _pretrain(config, run, allow_config_change)
+
+
+def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config_change: Sequence[str]) -> TrainState:
+    workdir = run.workdir
+    spec = inputs.dataset_spec(config)
+    split = config.pretrain_split or spec.pretrain_split
+    num_examples = data.split_size(spec, split, config.data_dir)
+    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    if config.method == "random":  # the lower bound: the probe sees untrained weights
+    objective = make_objective(config, spec)
+    if not objective.trains:  # random weights, the lower bound: the probe sees the initial weights
         total_steps = 0
     backbone = make_backbone(config)
     optimizer = make_optimizer(config, total_steps)
-    options = objective_options(config)
     state = create_train_state(
         jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
-        options=options, hidden_dim=config.relational.hidden_dim, num_classes=spec.num_classes,
+        objective=objective, num_classes=spec.num_classes, num_examples=num_examples,
     )
+    if config.online_probe.every_steps:
+        dim = feature_dim(backbone, {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                          spec.image_shape)
+        probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        state = state.replace(online_probe=online_probe.init(
+            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)))
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
-    start = checkpointer.latest_step() or 0
+    state, start = _restore(checkpointer, state, config, allow_config_change, run.primary)
     if start:
-        state = jax.tree.map(jnp.asarray, checkpointer.restore_state(start, state))
         logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
-    _log_run(config, workdir, state, spec, steps_per_epoch, total_steps)
+    if dropped := run.trim_metrics(start):
+        logging.info("Dropped %d metrics.jsonl records logged after step %d.", dropped, start)
+    run.write_config(config.to_dict())
+    _log_run(config, state, spec, steps_per_epoch, total_steps, objective)
 
     step_fn = parallel_train_step(
-        backbone=backbone, optimizer=optimizer, options=options, num_classes=spec.num_classes,
-        augment=make_augment_config(config, spec),
+        backbone=backbone, optimizer=optimizer, objective=objective,
+        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
     )
-    batches = data.prefetch_to_devices(
-        data.batches(
-            images, labels, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start, process_index=jax.process_index(),
-            process_count=jax.process_count(), local_device_count=jax.local_device_count(),
-        )
-    )
-    metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    monitor = knn_monitor(config, spec) if jax.process_index() == 0 else None
+    epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
+    layout = dict(start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+                  local_device_count=jax.local_device_count())
+    batches = inputs.pretrain_batches(config, spec, **layout)
+    if state.online_probe is not None and not data.has_labels(split):  # e.g. STL-10 'unlabelled'
+        batches = with_labelled_batches(batches, inputs.pretrain_batches(config, spec, split=spec.train_split, **layout))
+    batches = data.prefetch_to_devices(batches)
+    monitors = Monitors(config, spec, make_backbone(config, axis_name=None)) if run.primary else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
 
@@ -394,53 +395,73 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     if total_steps == 0 and checkpointer.latest_step() is None:
         save(0)  # method 'random': the untrained weights are the result
-    with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
-        for step in range(start + 1, total_steps + 1):
-            replicated, metrics = step_fn(replicated, next(batches))
-            pending.append(metrics)
-            last = step == total_steps
-            if step % config.log_every_steps == 0 or last or preemption.requested:
-                window = [unreplicate(m) for m in jax.device_get(pending)]
-                first_step = step - len(window) + 1
-                for offset, m in enumerate(window):
-                    if not np.isfinite(m["loss"]):
-                        raise FloatingPointError(
-                            f"Loss is {m['loss']} at step {first_step + offset}; stopping."
-                        )
-                elapsed = time.perf_counter() - window_start
-                record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
-                record["images_per_second"] = len(window) * config.batch_size / elapsed
-                metrics_log.write(step, record)
-                progress.update(step, record)
-                pending, window_start = [], time.perf_counter()
-            if monitor is not None and (step % config.knn_monitor.every_steps == 0 or last):
-                knn_top1 = monitor(unreplicate(replicated))
-                metrics_log.write(step, {"knn_top1": knn_top1})
-                logging.info("Step %d: kNN top-1 %.2f%%.", step, 100 * knn_top1)
-            if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
-                save(step)
-            if preemption.requested:
-                break
-    checkpointer.wait()
-    checkpointer.close()
-    metrics_log.close()
+    metrics_log = MetricsLog(workdir, enabled=run.primary)
+    step = start
+    try:
+        with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
+            for step in range(start + 1, total_steps + 1):
+                if epoch_hook is not None and (step == start + 1 or (step - 1) % steps_per_epoch == 0):
+                    replicated = replicate(epoch_hook((step - 1) // steps_per_epoch, unreplicate(replicated)))
+                replicated, metrics = step_fn(replicated, next(batches))
+                pending.append(metrics)
+                last = step == total_steps
+                if step % config.log_every_steps == 0 or last or preemption.requested:
+                    window = [unreplicate(m) for m in jax.device_get(pending)]
+                    first_step = step - len(window) + 1
+                    for offset, m in enumerate(window):
+                        if not np.isfinite(m["loss"]):
+                            raise FloatingPointError(
+                                f"Loss is {m['loss']} at step {first_step + offset}; stopping."
+                            )
+                    elapsed = time.perf_counter() - window_start
+                    record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                    record["images_per_second"] = len(window) * config.batch_size / elapsed
+                    metrics_log.write(step, record)
+                    progress.update(step, record)
+                    pending, window_start = [], time.perf_counter()
+                if monitors is not None and monitors.due(step, last):
+                    host_state = unreplicate(replicated)
+                    scalars = monitors(step, {"params": host_state.params["backbone"],
+                                              "batch_stats": host_state.batch_stats["backbone"]},
+                                       host_state.online_probe, last)
+                    metrics_log.write(step, scalars)
+                    progress.update(step, scalars)
+                    logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+                if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
+                    save(step)
+                if preemption.requested:
+                    break
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        metrics_log.close()
+    if preemption.requested:
+        raise Preempted(step, total_steps, workdir)
     return unreplicate(replicated)
 
 
-def _log_run(config, workdir, state, spec, steps_per_epoch, total_steps) -> None:
-    """Writes WORKDIR/config.json and logs what the run is made of."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+def _epoch_hook(
+    config: ml_collections.ConfigDict, spec: data.DatasetSpec, objective: Objective
+) -> Callable[[int, TrainState], TrainState]:
+    """`objective.start_epoch` with the eval-mode features of the pretraining split (held
+    in memory: such objectives cluster the whole split every epoch)."""
+    backbone = make_backbone(config, axis_name=None)
+    images, _ = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
+
+    def features(state: TrainState) -> np.ndarray:
+        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+        return extract_features(backbone, variables, images, mean=spec.mean, std=spec.std)
+
+    return lambda epoch, state: objective.start_epoch(epoch, state, features)
+
+
+def _log_run(config, state, spec, steps_per_epoch, total_steps, objective) -> None:
+    """Logs what the run is made of."""
     num_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
-    k = objective_options(config).num_views
-    objective = config.method + (
-        f" ({k * (k - 1) * config.batch_size} pairs per step)" if config.method == "relational" else ""
-    )
     logging.info(
         "%d process(es), %d device(s) (%d local, %s); backbone %s with %d parameters; "
-        "%s %s, %d steps/epoch, %d steps; K=%d views of M=%d images; %s.",
+        "%s %s, %d steps/epoch, %d steps; M=%d images per step; %s.",
         jax.process_count(), jax.device_count(), jax.local_device_count(),
         jax.devices()[0].platform, config.model.backbone, num_params, config.dataset,
-        spec.image_shape, steps_per_epoch, total_steps, k, config.batch_size, objective,
+        spec.image_shape, steps_per_epoch, total_steps, config.batch_size, objective.describe(),
     )

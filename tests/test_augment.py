@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import stats
 
 from rr_jax import augment
@@ -422,3 +422,37 @@ def test_random_application_rate(random_op, prob):
     out = jax.jit(jax.vmap(random_op, in_axes=(0, None)))(keys(22, n), image)
     changed = np.abs(np.asarray(out) - np.asarray(image)).max(axis=(1, 2, 3)) > 1e-4
     assert stats.binomtest(int(changed.sum()), n, prob).pvalue > P_MIN
+
+
+# -------------------------------------------------------- fine-tuning and probes
+
+
+def test_normalize_images_is_unit_pixels_minus_mean_over_std():
+    images = random_uint8(30, (2, 3, 4, 3))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    got = augment.normalize_images(images, mean=mean, std=std)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, (images / 255.0 - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+
+
+def test_random_crop_flip_matches_pil_pad_crop_and_mirror():
+    """Every output is one of torchvision's RandomCrop(padding) + flip outcomes on the PIL
+    image (zero-padded, cropped back to H x W, mirrored or not), and all of them occur."""
+    image = random_uint8(31, (6, 5, 3))
+    padding = 2
+    padded = ImageOps.expand(Image.fromarray(image), border=padding, fill=0)
+    outcomes = {}
+    for top in range(2 * padding + 1):
+        for left in range(2 * padding + 1):
+            crop = padded.crop((left, top, left + 5, top + 6))
+            for flip in (0, 1):
+                outcomes[top, left, flip] = np.asarray(ImageOps.mirror(crop) if flip else crop)
+    crops = np.asarray(jax.vmap(augment.random_crop_flip, in_axes=(0, None, None))(keys(32, 400), image, padding))
+    seen = set()
+    for crop in crops:
+        matches = [outcome for outcome, expected in outcomes.items() if np.array_equal(crop, expected)]
+        assert matches, "a crop that torchvision cannot produce"
+        seen.update(matches)
+    assert {flip for _, _, flip in seen} == {0, 1}
+    assert {top for top, _, _ in seen} == set(range(5)) and {left for _, left, _ in seen} == set(range(5))
+

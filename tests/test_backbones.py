@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rr_jax.backbones import BACKBONES, ResNet, _materialized, create_backbone
+from rr_jax.backbones import BACKBONES, BasicBlock, Bottleneck, ResNet, _materialized, create_backbone
 
 EPS = 1e-5
 MOMENTUM = 0.1  # PyTorch convention: new = (1 - MOMENTUM) * old + MOMENTUM * batch
@@ -122,8 +122,13 @@ def np_resnet(x, variables, train, stage_sizes, stem):
             name = f"layer{st + 1}_{b}"
             bp, bs, bn = p[name], s[name], new.setdefault(name, {})
             stride = 2 if st > 0 and b == 0 else 1
-            y = np.maximum(np_conv_bn(x, bp, bs, bn, "conv1", "bn1", train, stride), 0)
-            y = np_conv_bn(y, bp, bs, bn, "conv2", "bn2", train)
+            if "conv3" in bp:  # bottleneck: the stride in the 3x3 convolution (torchvision)
+                y = np.maximum(np_conv_bn(x, bp, bs, bn, "conv1", "bn1", train), 0)
+                y = np.maximum(np_conv_bn(y, bp, bs, bn, "conv2", "bn2", train, stride), 0)
+                y = np_conv_bn(y, bp, bs, bn, "conv3", "bn3", train)
+            else:
+                y = np.maximum(np_conv_bn(x, bp, bs, bn, "conv1", "bn1", train, stride), 0)
+                y = np_conv_bn(y, bp, bs, bn, "conv2", "bn2", train)
             if "downsample_conv" in bp:
                 x = np_conv_bn(x, bp, bs, bn, "downsample_conv", "downsample_bn", train, stride)
             x = np.maximum(x + y, 0)
@@ -140,6 +145,7 @@ EXPECTED = {  # name: (trainable parameters, feature size D)
     "resnet56": (855_120, 64),
     "resnet18": (11_176_512, 512),
     "resnet34": (21_284_672, 512),
+    "resnet50": (23_508_032, 2048),  # torchvision's 25 557 032 less the 2048x1000 classifier
 }
 
 
@@ -184,12 +190,13 @@ def test_conv4_matches_numpy():
 
 
 @pytest.mark.parametrize(
-    "stage_sizes, widths, stem, size",
-    [((1, 1, 1), (16, 32, 64), "cifar", 8), ((1, 2), (4, 8), "imagenet", 16)],
-    ids=["resnet8", "imagenet-stem"],
+    "stage_sizes, widths, stem, size, block",
+    [((1, 1, 1), (16, 32, 64), "cifar", 8, BasicBlock), ((1, 2), (4, 8), "imagenet", 16, BasicBlock),
+     ((2, 1), (4, 8), "imagenet", 16, Bottleneck)],
+    ids=["resnet8", "imagenet-stem", "bottleneck"],
 )
-def test_resnet_matches_numpy(stage_sizes, widths, stem, size):
-    model = ResNet(stage_sizes=stage_sizes, widths=widths, stem=stem)
+def test_resnet_matches_numpy(stage_sizes, widths, stem, size, block):
+    model = ResNet(stage_sizes=stage_sizes, widths=widths, stem=stem, block=block)
     x = _images(3, (3, size, size, 3))
     reference = functools.partial(np_resnet, stage_sizes=stage_sizes, stem=stem)
     _check_against_numpy(model, _perturbed(_init(model, x), seed=4), x, reference)

@@ -1,5 +1,7 @@
 """Baselines in the pretraining pipeline: SimCLR's NT-Xent, supervised, random weights."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,11 @@ from conftest import mocked_tfds
 
 from rr_jax import train
 from rr_jax.augment import AugmentConfig
-from rr_jax.baselines import classification_loss, nt_xent_loss
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import base_config
+from rr_jax.data import get_dataset_spec
+from rr_jax.objectives.common import classification_loss
+from rr_jax.objectives.simclr import nt_xent_loss
 
 
 def numpy_nt_xent(z1, z2, temperature):
@@ -66,18 +70,17 @@ def test_baseline_steps_learn_a_fixed_batch(method):
     config = base_config()
     config.method = method
     config.model.backbone = "conv4"
-    options = train.objective_options(config)
-    assert options.num_views == {"simclr": 2, "supervised": 1}[method]
+    augment = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
+                            jitter_prob=0.0, grayscale_prob=0.0)
+    objective = dataclasses.replace(train.make_objective(config, get_dataset_spec("cifar10")), augment=augment)
+    assert objective.num_views == {"simclr": 2, "supervised": 1}[method]
     backbone = train.make_backbone(config, axis_name=None)
     optimizer = train.make_optimizer(config, total_steps=1000)
     state = train.create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3),
-                                     options=options, num_classes=4)
+                                     objective=objective, num_classes=4)
     batch = {"image": jax.random.randint(jax.random.key(1), (8, 16, 16, 3), 0, 256).astype(jnp.uint8),
              "label": jnp.arange(8) % 4}
-    augment = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
-                            jitter_prob=0.0, grayscale_prob=0.0)
-    step = jax.jit(lambda s, b: train.train_step(
-        s, b, backbone=backbone, optimizer=optimizer, augment=augment, options=options, num_classes=4))
+    step = jax.jit(lambda s, b: train.train_step(s, b, backbone=backbone, optimizer=optimizer, objective=objective))
     losses = []
     for _ in range(8):
         state, metrics = step(state, batch)
@@ -97,6 +100,6 @@ def test_random_method_checkpoints_the_initial_weights(tmp_path):
     backbone, _ = Checkpointer(str(tmp_path / "run")).restore_backbone()
     fresh = train.create_train_state(
         jax.random.key(0), train.make_backbone(config), train.make_optimizer(config, 0), (32, 32, 3),
-        options=train.objective_options(config), num_classes=10)
+        objective=train.make_objective(config, get_dataset_spec("cifar10")), num_classes=10)
     for a, b in zip(jax.tree.leaves(backbone["params"]), jax.tree.leaves(fresh.params["backbone"])):
         np.testing.assert_array_equal(a, b)

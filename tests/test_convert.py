@@ -19,7 +19,8 @@ import pytest
 from rr_jax import convert
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
-from rr_jax.linear_probe import load_backbone
+from rr_jax.errors import InputFileError
+from rr_jax.features import restore_backbone
 from rr_jax.relational import RelationHead, init_relation_head
 
 # name -> (blocks per stage, widths, ImageNet stem); conv4 is separate.
@@ -156,7 +157,8 @@ def test_converted_backbone_reproduces_pytorch_features(torch, tmp_path, name):
     save_official(torch, tmp_path / "official.tar", model)
     convert.from_torch(str(tmp_path / "official.tar"), str(tmp_path / "run"), name)
 
-    backbone, variables, config, step = load_backbone(str(tmp_path / "run"))  # as the probe
+    restored = restore_backbone(str(tmp_path / "run"))  # as the probe
+    backbone, variables, config, step = restored.backbone, restored.variables, restored.config, restored.step
     assert (config["dataset"], config["model"]["backbone"], step) == ("cifar10", name, 0)
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     features = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(variables, images)
@@ -321,3 +323,12 @@ def test_torch_is_imported_lazily_and_its_absence_explained(monkeypatch, tmp_pat
     importlib.reload(convert)
     with pytest.raises(ImportError, match=r"pip install 'rr_jax\[torch\]'"):
         convert.load_torch_checkpoint(str(tmp_path / "missing.tar"))
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8))])
+def test_files_that_are_not_pytorch_checkpoints_are_named(torch, tmp_path, content):
+    path = tmp_path / "weights.tar"
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=rf"{path} is not a PyTorch checkpoint of the official code") as error:
+        convert.load_torch_checkpoint(str(path))
+    assert "weights_only" not in str(error.value)

@@ -182,3 +182,49 @@ def test_tsne_separates_clusters_and_plots(tmp_path):
     tab10 = [np.array(c) / 255 for c in ((31, 119, 180), (255, 127, 14), (44, 160, 44))]
     for colour in tab10:  # every class's colour is drawn
         assert np.sum(np.all(np.abs(image - colour) < 0.02, axis=-1)) > 20
+
+
+# ------------------------------------------------------------------------ RankMe
+
+
+def numpy_rankme(z, eps=1e-7):
+    singular = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)
+    p = singular / singular.sum() + eps
+    return np.exp(-np.sum(p * np.log(p)))
+
+
+def _with_singular_values(rng, n, d, values):
+    """A matrix [n, d] whose singular values are `values` (the rest zero)."""
+    u, _ = np.linalg.qr(rng.normal(size=(n, len(values))))
+    v, _ = np.linalg.qr(rng.normal(size=(d, len(values))))
+    return ((u * np.asarray(values)) @ v.T).astype(np.float32)
+
+
+def test_rankme_against_numpy_svd_on_random_low_rank_and_collapsed_matrices():
+    rng = np.random.default_rng(0)
+    random = rng.normal(size=(200, 16)).astype(np.float32)
+    low_rank = (rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))).astype(np.float32)
+    collapsed = np.outer(rng.normal(size=200), rng.normal(size=16)).astype(np.float32)
+    collapsed += 1e-4 * rng.normal(size=collapsed.shape).astype(np.float32)
+    for z in (random, low_rank, collapsed):
+        assert evaluate.rankme(z) == pytest.approx(numpy_rankme(z), rel=2e-4)
+    assert 14 < evaluate.rankme(random) <= 16  # near full rank
+    assert 2 < evaluate.rankme(low_rank) < 3 + 1e-3
+    assert 1 <= evaluate.rankme(collapsed) < 1.02
+    # Closed form: r equal singular values, the others zero, give r (up to eps).
+    for r in (1, 4, 10):
+        z = _with_singular_values(rng, 50, 12, [2.5] * r)
+        assert evaluate.rankme(z) == pytest.approx(r, rel=1e-4)
+    with pytest.raises(ValueError, match="embeddings must be float\\[N, D\\]"):
+        evaluate.rankme(np.zeros(5))
+
+
+def test_curves_plot_draws_the_logged_metrics(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s, "accuracy": 0.5 + s / 100} for s in range(1, 11)]
+    records += [{"step": 5, "knn_top1": 0.7, "rankme": 30.0}, {"step": 10, "knn_top1": 0.8, "rankme": 28.0}]
+    path = tmp_path / "curves.png"
+    assert evaluate.plot_curves(str(path), records) == ["loss", "accuracy", "knn_top1", "rankme"]
+    assert matplotlib.image.imread(str(path)).shape[:2] == (300, 4 * 320)  # one panel per metric
+    with pytest.raises(ValueError, match="hold none of the metrics"):
+        evaluate.plot_curves(str(path), [{"step": 1, "images_per_second": 3.0}])
+

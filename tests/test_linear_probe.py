@@ -23,6 +23,8 @@ from rr_jax.checkpoint import restore_probe
 from rr_jax.config import base_config
 from rr_jax.data import get_dataset_spec
 from rr_jax.evaluate import topk_accuracy
+from rr_jax.features import extract_features
+from rr_jax.online_probe import LinearHead, classify
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 64  # per mocked split
@@ -81,12 +83,12 @@ def test_probe_cli_restores_a_pmapped_checkpoint_on_one_device(pretrained):
     backbone = create_backbone("conv4")
     stats = dict(mean=CIFAR10.mean, std=CIFAR10.std)
     head, _ = linear_probe.train_linear_classifier(
-        jax.random.key(0), linear_probe.extract_features(backbone, variables, train_x, **stats),
+        jax.random.key(0), extract_features(backbone, variables, train_x, **stats),
         train_y, 10, epochs=2,
     )
     saved = restore_probe(str(workdir / "probe"))["head"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), saved, jax.device_get(head))
-    logits = linear_probe.classify(saved, linear_probe.extract_features(backbone, variables, test_x, **stats))
+    logits = classify(saved, extract_features(backbone, variables, test_x, **stats))
     assert results["top1"] == pytest.approx(topk_accuracy(logits, test_y, 1))
     assert results["top5"] == pytest.approx(topk_accuracy(logits, test_y, 5))
     assert results["top5"] >= results["top1"]
@@ -100,13 +102,16 @@ def test_evaluate_run_writes_knn_retrieval_and_pictures(pretrained):
         test_x, test_y = _split(data_dir, "cifar10", "test", "label")
     assert results == json.loads((workdir / evaluate_run.RESULTS_FILE).read_text())
     stats = dict(mean=CIFAR10.mean, std=CIFAR10.std)
-    bank, queries = (linear_probe.extract_features(create_backbone("conv4"), variables, x, **stats)
+    bank, queries = (extract_features(create_backbone("conv4"), variables, x, **stats)
                      for x in (train_x, test_x))
     assert results["knn_top1"] == pytest.approx(numpy_knn_top1(bank, train_y, queries, test_y, 5, 0.07, 10))
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     nearest = np.argsort(-unit(queries) @ unit(bank).T, axis=1)[:, :10]
     assert results["precision_at_10"] == pytest.approx(np.mean(train_y[nearest] == test_y[:, None]))
-    for picture in ("retrieval.png", "tsne.png"):
+    singular = np.linalg.svd(queries.astype(np.float64), compute_uv=False)
+    p = singular / singular.sum() + 1e-7
+    assert results["rankme"] == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-4)
+    for picture in ("retrieval.png", "tsne.png", "curves.png"):  # curves: the run's metrics.jsonl
         assert (workdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -191,7 +196,7 @@ def test_separable_features_are_classified_perfectly():
     train_x, train_y = _clusters(rng, centres, 600)  # 4 full batches and one of 88
     test_x, test_y = _clusters(rng, centres, 1000)
     head, history = linear_probe.train_linear_classifier(jax.random.key(1), train_x, train_y, 10, epochs=40)
-    logits = linear_probe.classify(head, test_x)
+    logits = classify(head, test_x)
     assert topk_accuracy(logits, test_y, 1) >= 0.995
     assert topk_accuracy(logits, test_y, 5) == 1.0
     assert history["loss"].shape == (40,) and history["loss"][-1] < 0.2 * history["loss"][0]
@@ -206,7 +211,7 @@ def test_shuffled_labels_give_chance_accuracy():
     head, _ = linear_probe.train_linear_classifier(
         jax.random.key(2), train_x, rng.integers(0, num_classes, 600), num_classes, epochs=5
     )
-    logits = linear_probe.classify(head, rng.normal(size=(n_test, 16)).astype(np.float32))
+    logits = classify(head, rng.normal(size=(n_test, 16)).astype(np.float32))
     test_y = rng.integers(0, num_classes, n_test)
     top1, top5 = topk_accuracy(logits, test_y, 1), topk_accuracy(logits, test_y, 5)
     for accuracy, p in ((top1, 0.1), (top5, 0.5)):
@@ -247,45 +252,7 @@ def test_label_subsets_are_class_balanced_and_seeded():
         linear_probe.label_subset(labels, 0.0, seed=0)
 
 
-# ----------------------------------------------------------------------- features
-
-
-class _MeanPixel(nn.Module):
-    """A parameter-free 'backbone': the mean pixel of each image, [N, C]."""
-
-    @nn.compact
-    def __call__(self, x, train):
-        return jnp.mean(x, axis=(1, 2))
-
-
-def test_features_normalise_as_pretraining_and_keep_order():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (37, 4, 4, 3), dtype=np.uint8)  # not a multiple of the batch
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    expected = ((images / 255.0 - np.array(mean)) / np.array(std)).mean(axis=(1, 2))
-    for devices in (jax.local_devices(), jax.local_devices()[:1]):
-        features = linear_probe.extract_features(
-            _MeanPixel(), {}, images, mean=mean, std=std, batch_size=12, devices=devices
-        )
-        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
-
-
 # ---------------------------------------------------------------------- fine-tuning
-
-
-def test_random_crop_flip_is_a_window_of_the_padded_image():
-    image = np.random.default_rng(0).integers(1, 256, (6, 5, 3), dtype=np.uint8)
-    padding = 2
-    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    windows = {
-        (top, left, flip): padded[top:top + 6, left:left + 5][:, ::-1 if flip else 1]
-        for top in range(2 * padding + 1) for left in range(2 * padding + 1) for flip in (0, 1)
-    }
-    keys = jax.random.split(jax.random.key(0), 200)
-    crops = np.asarray(jax.vmap(linear_probe.random_crop_flip, in_axes=(0, None, None))(keys, image, padding))
-    seen = {next(w for w, expected in windows.items() if np.array_equal(crop, expected)) for crop in crops}
-    assert {flip for _, _, flip in seen} == {0, 1}
-    assert {top for top, _, _ in seen} == set(range(5)) and {left for _, left, _ in seen} == set(range(5))
 
 
 def test_finetune_optimizer_is_adam_with_l2_decay_and_a_rate_per_part():
@@ -333,7 +300,7 @@ def test_finetune_trains_backbone_and_head_with_their_rates():
     largest = max(float(c.max()) for c in jax.tree.leaves(change))
     assert 0.5e-3 < largest <= 1e-3 * (1 + 1e-4)
     init_key = jax.random.split(jax.random.key(1))[0]  # the head's initialisation key
-    fresh = linear_probe.LinearHead(4).init(init_key, jnp.zeros((1, 4)))["params"]
+    fresh = LinearHead(4).init(init_key, jnp.zeros((1, 4)))["params"]
     head_change = max(
         float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(fresh))
     )

@@ -1,6 +1,7 @@
 """Two processes on localhost (gloo CPU collectives) train in lockstep and end where one
 process with the same global batch ends."""
 
+import json
 import os
 import pathlib
 import socket
@@ -56,3 +57,61 @@ def test_two_processes_match_one_process(tmp_path, fashion_mnist_dir):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     steps = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("two", "one")]
     assert len(steps[0]) == len(steps[1]) == 3
+
+
+READER = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from rr_jax import data, inputs
+from rr_jax.config import base_config
+
+config = base_config()
+config.dataset, config.image_folder, config.data_dir = "tiny_imagenet", sys.argv[3], sys.argv[4]
+config.data.streaming, config.batch_size, config.seed = "stream", 8, 5
+config.data.read_threads, config.data.prefetch_steps = 1, 1
+read, record_source = [], data.record_source
+
+class Counting:
+    def __init__(self, source):
+        self.source = source
+    def __len__(self):
+        return len(self.source)
+    def __getitem__(self, index):
+        read.append(int(index))
+        return self.source[index]
+
+data.record_source = lambda *args, **kwargs: Counting(record_source(*args, **kwargs))
+batches = inputs.pretrain_batches(
+    config, inputs.dataset_spec(config), start_step=0, process_index=jax.process_index(),
+    process_count=jax.process_count(), local_device_count=jax.local_device_count())
+labels = [next(batches)["label"].ravel().tolist() for _ in range(3)]
+print("RESULT" + json.dumps({"read": read[:12], "labels": labels}))
+"""
+
+
+def test_each_of_two_processes_reads_only_its_half_of_each_global_batch(tmp_path):
+    from image_trees import tiny_imagenet_tree
+
+    from rr_jax import data
+
+    root = tiny_imagenet_tree(str(tmp_path / "folders"))  # 12 images, 3 classes
+    spec = data.get_dataset_spec("tiny_imagenet", image_folder=root)
+    _, labels = data.load_split(spec, "train", str(tmp_path / "tfds"))  # prepared once, before both start
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", READER, f"localhost:{port}", str(i), root, str(tmp_path / "tfds")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    results = []
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-3000:]
+        results.append(json.loads(output.split("RESULT")[-1]))
+    for step in range(3):  # 12 images, M=8: one step per epoch, the last 4 images dropped
+        perm = np.random.default_rng([5, step]).permutation(12)
+        for p, result in enumerate(results):
+            half = perm[4 * p : 4 * p + 4]
+            assert result["read"][4 * step : 4 * step + 4] == half.tolist()  # its records, nothing else
+            assert result["labels"][step] == labels[half].tolist()

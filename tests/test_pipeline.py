@@ -1,5 +1,6 @@
 """End to end: configs/cifar10.py on mocked TFDS data, checkpoints, resume, preemption."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -12,9 +13,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import mocked_tfds, numpy_knn_top1
+from image_trees import slimagenet_tree, tiny_imagenet_tree
 
-from rr_jax import data, linear_probe, train
+from rr_jax import data, train
+from rr_jax.augment import normalize_images
 from rr_jax.checkpoint import Checkpointer
+from rr_jax.errors import Preempted
+from rr_jax.features import restore_backbone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,7 +48,8 @@ def tiny(config, data_dir, **overrides):
 def test_cifar10_config_end_to_end(tmp_path, fast_compile):
     config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=3, **{
         "checkpoint.every_steps": 2, "knn_monitor.every_steps": 2, "knn_monitor.num_train": 40,
-        "knn_monitor.num_test": 24, "knn_monitor.k": 5})
+        "knn_monitor.num_test": 24, "knn_monitor.k": 5, "online_probe.every_steps": 3,
+        "online_probe.num_test": 16})
     assert config.model.backbone == "resnet32" and config.dataset == "cifar10"
     workdir = tmp_path / "run"
     with mocked_tfds(tmp_path / "tfds", 64):
@@ -54,18 +60,28 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
     assert int(state.step) == 3
     assert Checkpointer(str(workdir)).all_steps() == [2, 3]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    knn = {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r}
+    monitored = {r["step"]: r for r in records if "knn_top1" in r}
+    knn = {step: r["knn_top1"] for step, r in monitored.items()}
     records = [r for r in records if "knn_top1" not in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert sorted(knn) == [2, 3]  # every 2 steps and at the end
     for step in knn:  # the online monitor agrees with a NumPy kNN on the checkpointed backbone
-        backbone, variables, _, _ = linear_probe.load_backbone(str(workdir), step)
-        features = [np.asarray(backbone.apply(variables, linear_probe.normalize(x, spec.mean, spec.std), train=False))
+        restored = restore_backbone(str(workdir), step)
+        features = [np.asarray(restored.backbone.apply(restored.variables, normalize_images(x, mean=spec.mean, std=spec.std),
+                                                       train=False))
                     for x in (bank, queries)]
         expected = numpy_knn_top1(features[0], bank_labels, features[1], query_labels, 5, 0.07, 10)
         np.testing.assert_allclose(knn[step], expected)
-    assert {"loss", "accuracy", "accuracy_positive", "accuracy_negative", "images_per_second"} <= set(records[0])
-    assert records[0]["num_pairs"] == 2 * 1 * 2  # per device: K(K-1) * M_local
+        singular = np.linalg.svd(features[1].astype(np.float64), compute_uv=False)
+        p = singular / singular.sum() + 1e-7
+        np.testing.assert_allclose(monitored[step]["rankme"], np.exp(-np.sum(p * np.log(p))), rtol=1e-4)
+    # The online probe of the final state, on the first 16 test images, at the last step only.
+    assert [step for step, r in monitored.items() if "online_probe_top1" in r] == [3]
+    logits = features[1][:16] @ state.online_probe.params["dense"]["kernel"] + state.online_probe.params["dense"]["bias"]
+    np.testing.assert_allclose(monitored[3]["online_probe_top1"], np.mean(logits.argmax(1) == query_labels[:16]))
+    assert {"loss", "accuracy", "accuracy_positive", "accuracy_negative", "images_per_second",
+            "online_probe_loss", "online_probe_train_top1"} <= set(records[0])
+    assert records[0]["num_pairs"] == 2 * 1 * 16  # global, as the startup log: K(K-1) * M
     assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == "resnet32"
     assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
     backbone, saved_config = Checkpointer(str(workdir)).restore_backbone()
@@ -78,15 +94,24 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
     )
 
 
-def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile):
-    def config():
-        return tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=4, **{
-            "model.backbone": "conv4", "checkpoint.every_steps": 100})
+@pytest.mark.parametrize("source", ["memory", "stream"])
+def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile, source):
+    if source == "memory":  # CIFAR-10 (mocked TFDS) held in memory
+        dataset, context = "cifar10", mocked_tfds(tmp_path / "tfds", 64)
+        extra = {"online_probe.every_steps": 2, "online_probe.num_test": 8}  # its state resumes too
+    else:  # a tiny-ImageNet tree (24 images: one step per epoch) streamed with Grain
+        dataset, context = "tiny_imagenet", contextlib.nullcontext()
+        extra = {"image_folder": tiny_imagenet_tree(str(tmp_path / "folders"), per_class=8),
+                 "data.streaming": "stream"}
 
-    with mocked_tfds(tmp_path / "tfds", 64):
+    def config():
+        return tiny(load_config(dataset), tmp_path / "tfds", max_steps=4, **{
+            "model.backbone": "conv4", "checkpoint.every_steps": 100, **extra})
+
+    with context:
         reference = train.pretrain(config(), str(tmp_path / "straight"))
 
-        real_batches = train.data.batches
+        real_batches = train.inputs.pretrain_batches
 
         def preempted_batches(*args, **kwargs):
             for step, batch in enumerate(real_batches(*args, **kwargs), start=kwargs["start_step"] + 1):
@@ -94,15 +119,27 @@ def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fa
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
 
-        monkeypatch.setattr(train.data, "batches", preempted_batches)
-        stopped = train.pretrain(config(), str(tmp_path / "resumed"))
-        assert 1 <= int(stopped.step) < 4  # saved and stopped early
-        assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [int(stopped.step)]
-        monkeypatch.setattr(train.data, "batches", real_batches)
+        monkeypatch.setattr(train.inputs, "pretrain_batches", preempted_batches)
+        with pytest.raises(Preempted) as stopped:
+            train.pretrain(config(), str(tmp_path / "resumed"))
+        assert 1 <= stopped.value.step < 4  # saved and stopped early
+        assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [stopped.value.step]
+        monkeypatch.setattr(train.inputs, "pretrain_batches", real_batches)
         resumed = train.pretrain(config(), str(tmp_path / "resumed"))
     assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)  # bitwise on CPU
+
+
+def test_slimagenet64_config_trains_on_its_tree(tmp_path, fast_compile):
+    root = slimagenet_tree(str(tmp_path / "folders"), per_class=(8, 2))
+    config = tiny(load_config("slimagenet64"), tmp_path / "tfds", max_steps=2, image_folder=root, **{
+        "model.backbone": "conv4"})
+    assert (config.model.backbone, config.relational.num_views) == ("conv4", 2)
+    state = train.pretrain(config, str(tmp_path / "run"))
+    assert int(state.step) == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

@@ -56,6 +56,15 @@ def test_finished_runs_are_skipped_and_results_written(tmp_path):
     assert len(calls) == 2
 
 
+def test_views_come_from_the_objectives():
+    runs = {run.name: run for run in study.study_runs()}
+    assert {name: runs[name].num_views for name in ("supervised_s0", "random_s0", "deepcluster_s0",
+                                                     "rotationnet_s0", "deepinfomax_s0", "simclr_s0",
+                                                     "relational_k8_s0", "relational_k16_s0")} == {
+        "supervised_s0": 1, "random_s0": 0, "deepcluster_s0": 1, "rotationnet_s0": 4, "deepinfomax_s0": 1,
+        "simclr_s0": 2, "relational_k8_s0": 8, "relational_k16_s0": 16}
+
+
 def test_a_failed_run_leaves_no_results_file(tmp_path):
     run = study.Run("simclr_s0", "main", "simclr", 0)
 
@@ -69,7 +78,10 @@ def test_a_failed_run_leaves_no_results_file(tmp_path):
 
 def test_render_tables_from_results(tmp_path):
     accuracies = {"supervised": [0.90, 0.91, 0.92], "relational": [0.85, 0.86, 0.88],
-                  "simclr": [0.84, 0.845, 0.85], "random": [0.80, 0.79, 0.81]}
+                  "simclr": [0.84, 0.845, 0.85], "deepinfomax": [0.83, 0.835, 0.84],
+                  "rotationnet": [0.82, 0.825, 0.83], "deepcluster": [0.815, 0.82, 0.81],
+                  "random": [0.80, 0.79, 0.81]}
+    assert set(study.METHODS) == set(accuracies)
     runs = [r for r in study.study_runs() if r.group != "main" or r.seed < 3]
     values = {}
     for run in runs:
@@ -83,7 +95,11 @@ def test_render_tables_from_results(tmp_path):
         expected = f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}"
         assert expected in text, method
     head = text.split("**Headline.**")[1].split("\n")[0]
-    assert head.index("supervised") < head.index("relational") < head.index("simclr") < head.index("random")
+    order = ["supervised", "relational", "simclr", "deepinfomax", "rotationnet", "deepcluster", "random"]
+    assert [head.index(method) for method in order] == sorted(head.index(method) for method in order)
+    table = text.split("## Main table")[1].split("##")[0]  # rows in the paper's order
+    assert [table.index(f"| {method}") for method in study.METHODS] == sorted(
+        table.index(f"| {method}") for method in study.METHODS)
     # K=4 default 0.81; the dot head (K=4) also 0.81 -> delta +0.00
     assert "| head = dot | 81.00 | 80.00 | 60.00 | +0.00 |" in text
     assert (tmp_path / "results" / "figures" / "accuracy_vs_k.png").stat().st_size > 1000

@@ -8,6 +8,7 @@ import pytest
 from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.config import base_config, validate_config
+from rr_jax.objectives import OBJECTIVES, Relational
 
 IDENTITY_AUGMENT = AugmentConfig(
     crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
@@ -21,11 +22,11 @@ def step_inputs(num_devices, batch=16):
     backbone_1 = train.make_backbone(config, axis_name=None)
     backbone_n = train.make_backbone(config)
     optimizer = train.make_optimizer(config, total_steps=10)
-    state = train.create_train_state(jax.random.key(0), backbone_1, optimizer, (16, 16, 3))
+    objective = Relational(num_views=3, augment=IDENTITY_AUGMENT, negatives="roll", global_negatives=True)
+    state = train.create_train_state(jax.random.key(0), backbone_1, optimizer, (16, 16, 3), objective=objective)
     images = {"image": jax.random.randint(jax.random.key(1), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8),
               "label": jnp.arange(batch) % 10}
-    options = train.ObjectiveOptions(num_views=3, negatives="roll", global_negatives=True)
-    return state, images, optimizer, options, backbone_1, backbone_n
+    return state, images, optimizer, objective, backbone_1, backbone_n
 
 
 def per_device(batch):
@@ -35,19 +36,17 @@ def per_device(batch):
 def test_eight_device_step_equals_one_device_step():
     """Same global batch and pairs: loss, parameters after the update and BN statistics agree."""
     assert jax.local_device_count() == 8
-    state, images, optimizer, options, backbone_1, backbone_n = step_inputs(8)
-    single = jax.jit(lambda s, x: train.train_step(
-        s, x, backbone=backbone_1, optimizer=optimizer, augment=IDENTITY_AUGMENT, options=options))
+    state, images, optimizer, objective, backbone_1, backbone_n = step_inputs(8)
+    single = jax.jit(lambda s, x: train.train_step(s, x, backbone=backbone_1, optimizer=optimizer, objective=objective))
     one_state, one_metrics = single(state, images)
 
-    parallel = train.parallel_train_step(
-        backbone=backbone_n, optimizer=optimizer, augment=IDENTITY_AUGMENT, options=options)
+    parallel = train.parallel_train_step(backbone=backbone_n, optimizer=optimizer, objective=objective)
     many_state, many_metrics = parallel(train.replicate(state), per_device(images))
     many_state = train.unreplicate(many_state)
 
     np.testing.assert_allclose(many_metrics["loss"][0], one_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(many_metrics["accuracy"][0], one_metrics["accuracy"], rtol=1e-6)
-    np.testing.assert_allclose(many_metrics["num_pairs"][0] * 8, one_metrics["num_pairs"])
+    np.testing.assert_allclose(many_metrics["num_pairs"][0], one_metrics["num_pairs"])  # global counts
     for a, b in zip(jax.tree.leaves(many_state.batch_stats), jax.tree.leaves(one_state.batch_stats)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The gradients, through Adam's first moment after one step: mu = 0.1 * grad.
@@ -70,7 +69,8 @@ def test_eight_device_step_equals_one_device_step():
         ("model.backbone", "vit", "config.model.backbone='vit'.*'conv4'"),
         ("relational.aggregation", "prod", "config.relational.aggregation='prod'.*'cat'"),
         ("relational.loss", "hinge", "config.relational.loss='hinge'.*'focal'"),
-        ("method", "byol", "config.method='byol'.*'relational'"),
+        ("method", "byol", "config.method='byol'.*'supervised', 'random', 'deepcluster', 'rotationnet', "
+                           "'deepinfomax', 'simclr', 'relational'"),
         ("relational.num_views", 1, "config.relational.num_views=1.*K must be >= 2"),
         ("batch_size", 12, "config.batch_size=12.*divisible by the device count 8"),
         ("batch_size", 8, "config.batch_size=8.*>= 2 images"),
@@ -80,10 +80,14 @@ def test_eight_device_step_equals_one_device_step():
         ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate=0.0"),
         ("optimizer.name", "lamb", "config.optimizer.name='lamb'.*'adam', 'sgd'"),
         ("simclr.temperature", 0.0, "config.simclr.temperature=0.0"),
+        ("deepinfomax.gamma", -1.0, "config.deepinfomax.gamma=-1.0.*>= 0"),
+        ("deepcluster.kmeans_iterations", 0, "config.deepcluster.kmeans_iterations=0.*positive integer"),
     ],
 )
 def test_config_errors(key, value, match):
     config = base_config()
+    if key.split(".")[0] in OBJECTIVES:  # a method's own fields are checked when it is the method
+        config.method = key.split(".")[0]
     target, *_, last = [config] + key.split(".")
     for part in key.split(".")[:-1]:
         target = target[part]
@@ -104,11 +108,10 @@ def test_parallel_step_compiles_once():
     """Feeding the step's outputs back (and the replicated initial state) never retraces."""
     import chex
 
-    state, images, optimizer, options, _, backbone_n = step_inputs(8)
+    state, images, optimizer, objective, _, backbone_n = step_inputs(8)
     step = chex.assert_max_traces(train.train_step, n=1)
     parallel = jax.pmap(
-        lambda s, x: step(s, x, backbone=backbone_n, optimizer=optimizer,
-                          augment=IDENTITY_AUGMENT, options=options, axis_name="batch"),
+        lambda s, x: step(s, x, backbone=backbone_n, optimizer=optimizer, objective=objective, axis_name="batch"),
         axis_name="batch", donate_argnums=(0,))
     replicated = train.replicate(state)
     for _ in range(3):

@@ -1,16 +1,16 @@
-"""The paper's baselines' objectives: SimCLR's NT-Xent and supervised cross-entropy.
-
-They share the pretraining pipeline with relational reasoning (`config.method`): the
-same backbones, augmentation, data and linear probe, so that a comparison measures the
-objective alone.
-"""
+"""SimCLR (Chen et al., 2020): two views per image, a projection head, NT-Xent."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from rr_jax.objectives import Objective, Variables, config_error
 
 
 class ProjectionHead(nn.Module):
@@ -50,7 +50,36 @@ def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> tupl
     return loss, accuracy
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean softmax cross-entropy and top-1 accuracy. logits float[N, C], labels int[N]."""
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    return loss, (jnp.argmax(logits, axis=1) == labels).mean()
+@dataclasses.dataclass(frozen=True)
+class SimCLR(Objective):
+    """NT-Xent between the projections of two views of each image (per device batch)."""
+
+    name = "simclr"
+
+    num_views: int = 2
+    temperature: float = 0.5
+
+    @classmethod
+    def config_defaults(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({"temperature": 0.5})
+
+    @classmethod
+    def validate(cls, config: ml_collections.ConfigDict) -> None:
+        if config.simclr.temperature <= 0:
+            raise config_error("simclr.temperature", config.simclr.temperature, "it must be > 0")
+
+    @classmethod
+    def views(cls, config: ml_collections.ConfigDict) -> int:
+        return 2
+
+    @classmethod
+    def from_config(cls, config, spec) -> SimCLR:
+        return cls(augment=cls.augment_config(config, spec), temperature=config.simclr.temperature)
+
+    def init_head(self, key, features, intermediates, num_classes) -> Variables:
+        return {"batch_stats": {}, **ProjectionHead().init(key, jnp.zeros((2, features.shape[-1])))}
+
+    def loss(self, features, head_variables, key, targets, *, intermediates, objective_state, axis_name):
+        outputs = ProjectionHead().apply({"params": head_variables["params"]}, features)
+        loss, accuracy = nt_xent_loss(outputs[0], outputs[1], self.temperature)
+        return loss, {"loss": loss, "accuracy": accuracy}, head_variables["batch_stats"]

@@ -1,0 +1,225 @@
+"""Frozen-backbone features: restore a backbone from a workdir, extract eval-mode features.
+
+One place for what every evaluation of a backbone does before it measures anything:
+restore the backbone item of a checkpoint (`restore_backbone`), check that it takes the
+dataset's images (`feature_dim`), load the labelled train and test splits
+(`load_labelled_splits`), and map uint8 images to features with the backbone in eval
+mode (BatchNorm running statistics) on images normalised as in pretraining
+(`extract_features`). The pretraining monitors (`rr_jax.monitors`), the linear probe
+(`rr_jax.linear_probe`) and `rr_jax.evaluate_run` all call these, so they preprocess
+identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rr_jax import data
+from rr_jax.augment import normalize_images
+from rr_jax.backbones import BACKBONES, create_backbone
+from rr_jax.checkpoint import Checkpointer, checkpoint_dir
+
+FEATURE_BATCH_SIZE = 512
+_AXIS = "batch"
+
+
+# ------------------------------------------------------------------------ restore
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredBackbone:
+    """A pretrained backbone read from a workdir.
+
+    Attributes:
+      backbone: the module (float32, no axis name).
+      variables: {'params', 'batch_stats'} as NumPy arrays of one replica.
+      config: the pretraining config as a dict.
+      step: the checkpoint step it was read from.
+    """
+
+    backbone: nn.Module
+    variables: Any
+    config: dict
+    step: int
+
+
+def restore_backbone(workdir: str, step: int | None = None) -> RestoredBackbone:
+    """The pretrained backbone of a workdir, from WORKDIR/checkpoints/<step>.
+
+    Reads only the backbone item and the config (default step: the latest), whatever
+    the device count of the run that wrote them.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no checkpoint of `step`) in the workdir.
+      ValueError: the checkpoint is corrupt or incomplete, or not a backbone's.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"No checkpoints in --workdir={workdir!r} (no directory {directory}); pretrain "
+            "first (python launch.py --config=... --workdir=...)."
+        )
+    checkpointer = Checkpointer(workdir)
+    steps = checkpointer.all_steps()
+    try:
+        variables, config = checkpointer.restore_backbone(step)
+    except (ValueError, KeyError) as error:
+        raise ValueError(
+            f"The checkpoint of step {steps[-1] if step is None else step} in {directory} is "
+            f"corrupt or incomplete ({error}); use another step (available: {steps})."
+        ) from error
+    finally:
+        checkpointer.close()
+    name = config.get("model", {}).get("backbone")
+    if name not in BACKBONES or set(variables) != {"params", "batch_stats"}:
+        raise ValueError(
+            f"The checkpoint in {directory} is not a backbone checkpoint: config names "
+            f"backbone {name!r} (known: {sorted(BACKBONES)}), variables hold {sorted(variables)} "
+            "(expected ['batch_stats', 'params'])."
+        )
+    return RestoredBackbone(create_backbone(name), variables, config, steps[-1] if step is None else step)
+
+
+def feature_dim(
+    backbone: nn.Module, variables: Any, image_shape: tuple[int, int, int], dataset: str = ""
+) -> int:
+    """D, the feature size of the backbone with these variables on images [H, W, C].
+
+    Raises:
+      ValueError: the backbone cannot take images of `image_shape` (e.g. a backbone
+        pretrained on RGB images and gray ones).
+    """
+    try:
+        shape = jax.eval_shape(
+            functools.partial(backbone.apply, train=False),
+            variables,
+            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+        ).shape
+    except flax.errors.FlaxError as error:
+        raise ValueError(
+            f"The pretrained backbone cannot take images of shape {tuple(image_shape)} "
+            f"{f'of dataset {dataset!r} ' if dataset else ''}: {error} Use a dataset "
+            "with as many channels as the pretraining images."
+        ) from error
+    return shape[-1]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSplits:
+    """The labelled train and test splits of a dataset: uint8[N, H, W, C] images and
+    int32[N] labels each, in TFDS order."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_labelled_splits(
+    spec: data.DatasetSpec,
+    data_dir: str | None = None,
+    *,
+    num_train: int | None = None,
+    num_test: int | None = None,
+) -> LabelledSplits:
+    """`spec.train_split` and `spec.test_split`, cut to their first `num_train` and
+    `num_test` examples (None: all)."""
+    train_images, train_labels = data.load_split(spec, spec.train_split, data_dir)
+    test_images, test_labels = data.load_split(spec, spec.test_split, data_dir)
+    return LabelledSplits(
+        train_images[:num_train], train_labels[:num_train], test_images[:num_test], test_labels[:num_test]
+    )
+
+
+def restore_with_data(
+    workdir: str,
+    *,
+    step: int | None = None,
+    dataset: str | None = None,
+    label_space: str | None = None,
+    data_dir: str | None = None,
+) -> tuple[RestoredBackbone, data.DatasetSpec, LabelledSplits]:
+    """What an evaluation of a workdir's backbone starts from: the restored backbone,
+    the spec of the dataset to evaluate on and its labelled splits.
+
+    Args:
+      workdir, step: the run and its checkpoint step (None: the latest).
+      dataset, label_space: the dataset to evaluate on (None: the pretraining one) and
+        its label space (None: the default).
+      data_dir: TFDS data directory; None: the pretraining config's.
+
+    Raises:
+      FileNotFoundError: no checkpoint (of `step`), or the dataset cannot be loaded.
+      ValueError: a corrupt checkpoint, an unknown dataset or label space, or a dataset
+        whose images the backbone cannot take.
+    """
+    restored = restore_backbone(workdir, step)
+    name = dataset or restored.config["dataset"]
+    spec = data.get_dataset_spec(name, label_space)
+    feature_dim(restored.backbone, restored.variables, spec.image_shape, name)
+    data_dir = restored.config.get("data_dir") if data_dir is None else data_dir
+    return restored, spec, load_labelled_splits(spec, data_dir)
+
+
+# ----------------------------------------------------------------------- features
+
+
+@functools.partial(jax.jit, static_argnames=("backbone", "mean", "std"))
+def _eval_features(variables, images, *, backbone, mean, std):
+    return backbone.apply(variables, normalize_images(images, mean=mean, std=std), train=False)
+
+
+def extract_features(
+    backbone: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = FEATURE_BATCH_SIZE,
+    devices: list[jax.Device] | None = None,
+) -> np.ndarray:
+    """Features of the backbone in eval mode on normalised images, in order.
+
+    Each batch is split over `devices` (default: all local devices) by one jit-compiled
+    call on sharded inputs; the last batch is padded, and the padding dropped.
+
+    Args:
+      backbone, variables: a backbone module and its {'params', 'batch_stats'}.
+      images: uint8[N, H, W, C].
+      mean, std: per-channel statistics of pixels in [0, 1].
+      batch_size: images per call, rounded up to a multiple of the device count.
+      devices: the devices to spread each batch over.
+
+    Returns:
+      float32[N, D] NumPy array.
+    """
+    if np.ndim(images) != 4 or np.asarray(images).dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8[N, H, W, C], got {np.asarray(images).dtype}{np.shape(images)}."
+        )
+    devices = jax.local_devices() if devices is None else list(devices)
+    mesh = jax.sharding.Mesh(np.array(devices), (_AXIS,))
+    spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    variables = jax.device_put(variables, replicated)
+    batch_size = -(-batch_size // len(devices)) * len(devices)
+    options = dict(backbone=backbone, mean=tuple(mean), std=tuple(std))
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        batch = np.pad(batch, ((0, batch_size - len(batch)),) + ((0, 0),) * 3)
+        outputs.append(_eval_features(variables, jax.device_put(batch, spread), **options))
+    return np.concatenate(jax.device_get(outputs))[: len(images)]

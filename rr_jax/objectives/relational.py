@@ -1,0 +1,82 @@
+"""Relational reasoning (the paper's method): K views per image, every pair of views
+scored by the relation head, focal or binary cross-entropy (rr_jax.relational)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from rr_jax.objectives import Objective, Variables, config_error
+from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES, init_relation_head, relational_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Relational(Objective):
+    """See `rr_jax.relational.relational_loss` for the fields; `head` is 'mlp' (the
+    relation head) or 'dot' (the dot-product ablation)."""
+
+    name = "relational"
+
+    num_views: int = 32
+    aggregation: str = "cat"
+    negatives: str = "derangement"
+    loss_name: str = "focal"
+    global_negatives: bool = False
+    head: str = "mlp"
+    hidden_dim: int = 256
+
+    @classmethod
+    def config_defaults(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({
+            "num_views": 32,  # K
+            "aggregation": "cat",
+            "negatives": "derangement",
+            "loss": "focal",
+            "global_negatives": False,  # negatives across devices (all-gather)
+            "hidden_dim": 256,
+            "head": "mlp",  # the relation head; 'dot': the dot-product ablation
+        })
+
+    @classmethod
+    def validate(cls, config: ml_collections.ConfigDict) -> None:
+        rel = config.relational
+        for key, allowed in (("aggregation", AGGREGATIONS), ("negatives", NEGATIVES), ("loss", LOSSES),
+                             ("head", HEADS)):
+            if rel[key] not in allowed:
+                raise config_error(f"relational.{key}", rel[key], "use one of " + ", ".join(map(repr, allowed)))
+        if rel.num_views < 2:
+            raise config_error("relational.num_views", rel.num_views, "K must be >= 2 views to form pairs")
+        if not isinstance(rel.hidden_dim, int) or rel.hidden_dim < 1:
+            raise config_error("relational.hidden_dim", rel.hidden_dim, "it must be a positive integer")
+
+    @classmethod
+    def views(cls, config: ml_collections.ConfigDict) -> int:
+        return config.relational.num_views
+
+    @classmethod
+    def from_config(cls, config, spec) -> Relational:
+        rel = config.relational
+        return cls(
+            num_views=rel.num_views, augment=cls.augment_config(config, spec),
+            aggregation=rel.aggregation, negatives=rel.negatives, loss_name=rel.loss,
+            global_negatives=rel.global_negatives, head=rel.head, hidden_dim=rel.hidden_dim,
+        )
+
+    @property
+    def shared_loss_key(self) -> bool:
+        return self.global_negatives  # one derangement of the whole batch
+
+    def init_head(self, key, features, intermediates, num_classes) -> Variables:
+        return init_relation_head(key, features.shape[-1], aggregation=self.aggregation,
+                                  hidden_dim=self.hidden_dim, head=self.head)
+
+    def loss(self, features, head_variables, key, targets, *, intermediates, objective_state, axis_name):
+        return relational_loss(
+            features, head_variables, key, aggregation=self.aggregation, negatives=self.negatives,
+            loss=self.loss_name, axis_name=axis_name, global_negatives=self.global_negatives,
+        )
+
+    def describe(self) -> str:
+        k = self.num_views
+        return f"{self.name}, K={k} views ({k * (k - 1)} pairs per image per step)"

@@ -1,0 +1,237 @@
+"""The one owner of a pretraining workdir, opened once and closed once by the loop.
+
+It creates the directory, takes its lock (so that two launches never train into one
+workdir), writes config.json, trims metrics.jsonl back to the restored step, and keeps
+third-party log chatter (Orbax, TensorFlow) in WORKDIR/log.txt while the console shows
+rr_jax's own lines, warnings and errors. Checkpoints themselves belong to
+rr_jax.checkpoint; comparing a resumed config with the checkpoint's is `check_resumable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from absl import logging as absl_logging
+
+from rr_jax.errors import ResumeError, UserError, WorkdirBusyError
+
+LOCK_FILE = "lock"
+LOG_FILE = "log.txt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+# Fields that may differ between a checkpoint's config and the config resuming it: how
+# long to train, how often to log, monitor and checkpoint, where the data lives, and the
+# evaluation that runs after pretraining. Everything else changes what is trained.
+RESUMABLE_FIELDS = (
+    "max_steps", "num_epochs", "log_every_steps", "data_dir", "checkpoint.*",
+    "knn_monitor.*", "online_probe.*", "probe.*",
+)
+# The fields that shape imported weights (a converted checkpoint has no train state).
+WEIGHT_FIELDS = ("dataset", "model.backbone")
+HEAD_FIELDS = ("relational.aggregation", "relational.hidden_dim", "relational.head")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples so JSON and configs compare."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = tuple(value) if isinstance(value, list | tuple) else value
+    return flat
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def check_resumable(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    step: int,
+    only: Iterable[str] | None = None,
+    allow: Iterable[str] = (),
+) -> None:
+    """Raises ResumeError naming every field that differs between the checkpoint's config
+    (`saved`) and this run's (`current`), except RESUMABLE_FIELDS and `allow`.
+
+    `only`: compare just these fields (patterns like 'checkpoint.*' allowed), e.g. the
+    fields that shape imported weights.
+    """
+    saved_flat, current_flat = flatten(saved), flatten(current)
+    allowed = (*RESUMABLE_FIELDS, *allow)
+    differing = [  # fields added to (or dropped from) rr_jax since the checkpoint are not compared
+        key for key in sorted(set(saved_flat) & set(current_flat))
+        if saved_flat[key] != current_flat[key]
+        and not _matches(key, allowed) and (only is None or _matches(key, only))
+    ]
+    if differing:
+        lines = "\n".join(f"  {key}: checkpoint {saved_flat[key]!r}, now {current_flat[key]!r}" for key in differing)
+        raise ResumeError(
+            f"Cannot resume the checkpoint of step {step} with a different config:\n{lines}\n"
+            "Use a new --workdir for a different experiment, or pass "
+            f"--allow_config_change={','.join(differing)} to resume anyway. "
+            f"Fields that may always change: {', '.join(RESUMABLE_FIELDS)}."
+        )
+
+
+def unknown_key_message(override: str, config: Mapping[str, Any]) -> str | None:
+    """The message for a --config.KEY=VALUE override naming a key the config lacks;
+    None when the config has the key."""
+    path = override.split("=", 1)[0].removeprefix("--").removeprefix("config.")
+    node: Any = config
+    known = []
+    for depth, part in enumerate(path.split(".")):
+        if not isinstance(node, Mapping) or part not in node:
+            known = sorted(node) if isinstance(node, Mapping) else []
+            break
+        node = node[part]
+    else:
+        return None
+    bad = ".".join(path.split(".")[: depth + 1])
+    close = difflib.get_close_matches(part, known, n=1)
+    hint = f" (did you mean {'.'.join([*path.split('.')[:depth], close[0]])!r}?)" if close else ""
+    return f"unknown config key {bad!r}{hint}."
+
+
+class _ConsoleFilter(logging.Filter):
+    """Lets rr_jax's own records and any warning or error through to the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (
+            record.levelno >= logging.WARNING
+            or record.pathname.startswith(_PACKAGE_DIR)
+            or os.path.basename(record.pathname) == "launch.py"
+        )
+
+
+@contextlib.contextmanager
+def third_party_logs_to_file(log_path: str) -> Iterator[None]:
+    """While open: every log record (INFO and up) also goes to `log_path`, and the
+    console shows only rr_jax's own records and any warning or error."""
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s"))
+    console_filter = _ConsoleFilter()
+    logging.getLogger().addHandler(handler)
+    absl_logging.get_absl_handler().addFilter(console_filter)
+    try:
+        yield
+    finally:
+        absl_logging.get_absl_handler().removeFilter(console_filter)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+class RunDirectory:
+    """A workdir held by one run: `with RunDirectory(workdir) as run: ...`.
+
+    Args:
+      workdir: the run's directory, created if absent.
+      primary: whether this process owns the shared files (process 0 of a multi-host
+        run): only it locks, writes config.json and trims metrics. Every process keeps
+        its own log file.
+      process_index: names the log file of processes other than 0.
+    """
+
+    def __init__(self, workdir: str, *, primary: bool = True, process_index: int = 0):
+        self.workdir = os.path.abspath(workdir)
+        self.primary = primary
+        self._log_name = LOG_FILE if process_index == 0 else f"log.process{process_index}.txt"
+        self._lock = None
+        self._logs = None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, self._log_name)
+
+    def __enter__(self) -> RunDirectory:
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--workdir={self.workdir!r} cannot be created: {error}.") from error
+        if self.primary:
+            self._take_lock()
+        self._logs = third_party_logs_to_file(self.log_path)
+        self._logs.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._logs is not None:
+            self._logs.__exit__(None, None, None)
+            self._logs = None
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        """An exclusive flock on WORKDIR/lock. The kernel drops it when its holder dies,
+        however it dies, so a crashed run never leaves the workdir stuck."""
+        path = os.path.join(self.workdir, LOCK_FILE)
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "an unknown process"
+            lock.close()
+            raise WorkdirBusyError(
+                f"--workdir={self.workdir} is in use by {holder}. Wait for that run to end "
+                "(or stop it), or choose another --workdir."
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {socket.gethostname()} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        self._lock = lock
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """WORKDIR/config.json: the resolved config of this run."""
+        if self.primary:
+            _write_atomically(os.path.join(self.workdir, CONFIG_FILE),
+                              json.dumps(config, indent=2, sort_keys=True))
+
+    def trim_metrics(self, last_step: int) -> int:
+        """Drops the records of metrics.jsonl past `last_step` (logged after the restored
+        checkpoint, so about to be logged again) and any line a kill cut short; atomic.
+        Returns the number of records dropped."""
+        path = os.path.join(self.workdir, METRICS_FILE)
+        if not self.primary or not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        if len(kept) < len(lines):
+            _write_atomically(path, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
