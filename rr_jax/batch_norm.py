@@ -14,7 +14,8 @@ PyTorch converter see no difference. What differs is the cost on XLA:CPU:
   ``ones[N] @ x[N, rest]`` followed by a small sum; XLA:CPU runs the plain reduction as a
   tree of strided reduce-windows. Forward + backward ~2x faster than Flax's BatchNorm
   with YNNPACK fusions off, ResNet-32's step 1.1x (BENCHMARKS.md, "Backbones on CPU").
-  Other backends reduce natively (and a float32 matmul on a TPU would round to bfloat16).
+  Other backends reduce natively (and a float32 matmul on a TPU would round to bfloat16):
+  the choice is made per lowering platform, so they compile the plain reduction.
 
 Under ``axis_name`` the statistics, and the two gradient means, are averaged across
 devices (every device must hold the same number of rows), which gives each device the
@@ -35,12 +36,24 @@ Dtype = Any
 
 
 def channel_sum(x: jax.Array) -> jax.Array:
-    """Sum over every axis but the last: [N, ..., C] -> [C], in x's dtype."""
-    if jax.default_backend() != "cpu" or x.ndim < 2:
+    """Sum over every axis but the last: [N, ..., C] -> [C], in x's dtype.
+
+    The matmul form is chosen when the computation is lowered for CPU
+    (`lax.platform_dependent`), so a program lowered for GPU or TPU holds only the plain
+    reduction, whatever the default backend of the process that traced it.
+    """
+
+    def plain(x):
         return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
-    rows = x.shape[0]
-    per_position = jnp.ones((rows,), x.dtype) @ x.reshape(rows, -1)  # [prod(...) * C]
-    return per_position.reshape(-1, x.shape[-1]).sum(axis=0)
+
+    def matmul(x):
+        rows = x.shape[0]
+        per_position = jnp.ones((rows,), x.dtype) @ x.reshape(rows, -1)  # [prod(...) * C]
+        return per_position.reshape(-1, x.shape[-1]).sum(axis=0)
+
+    if x.ndim < 2:
+        return plain(x)
+    return lax.platform_dependent(x, cpu=matmul, default=plain)
 
 
 def _global_means(sums: jax.Array, count: int, axis_name: str | None) -> jax.Array:

@@ -30,7 +30,7 @@ from rr_jax.batch_norm import BatchNorm
 from rr_jax.shuffle import derangements
 
 AGGREGATIONS = ("cat", "sum", "mean", "max")
-HEADS = ("mlp", "dot")
+HEADS = ("mlp", "dot", "encoder_dot")
 NEGATIVES = ("derangement", "roll")
 LOSSES = ("focal", "bce")
 
@@ -297,8 +297,16 @@ class DotProductHead(nn.Module):
     """
 
     def setup(self):
-        self.scale = self.param("scale", nn.initializers.ones, ())
+        self.scale = self.param("scale", nn.initializers.constant(self.initial_scale()), ())
         self.bias = self.param("bias", nn.initializers.zeros, ())
+
+    def initial_scale(self) -> float:
+        """Initial value of the logit scale."""
+        return 1.0
+
+    def encode(self, embeddings: jax.Array) -> jax.Array:
+        """What the dot product is taken of: float[N, D] -> float[N, D'] (here z itself)."""
+        return embeddings
 
     def score(
         self,
@@ -312,8 +320,51 @@ class DotProductHead(nn.Module):
         """float[R] logits of the pairs (left_source[left[r]], right_source[right[r]]);
         `train` and `factored` are accepted for the RelationHead interface and unused."""
         del train, factored
-        dots = jnp.sum(left_source[left] * right_source[right], axis=-1)
+        encoded_left = self.encode(left_source)
+        encoded_right = encoded_left if right_source is left_source else self.encode(right_source)
+        dots = jnp.sum(encoded_left[left] * encoded_right[right], axis=-1)
         return self.scale * dots + self.bias
+
+
+class EncoderDotHead(DotProductHead):
+    """Head ablation "encoder + dot product": logit = scale * <e(z_i), e(z_j)> + bias.
+
+    e is an MLP applied to each embedding on its own, Dense(hidden) -> LeakyReLU(0.01)
+    -> Dense(hidden) (PyTorch's Linear initialisation), so the head learns a space to
+    compare views in, but the pair itself only meets in the dot product: it sits between
+    the plain dot product (nothing learned) and the relation head (an MLP on each
+    pair). The encoding runs once per embedding (K*M rows), not per pair. The scale
+    starts at 1/sqrt(hidden) so that initial logits are O(1), as in scaled dot-product
+    attention.
+
+    Attributes:
+      embedding_dim: D of the embeddings.
+      hidden_dim: width of both encoder layers (the encoding's dimension).
+    """
+
+    embedding_dim: int
+    hidden_dim: int = 256
+    negative_slope: float = 0.01
+
+    def setup(self):
+        super().setup()
+        self.encoder_hidden = nn.Dense(
+            self.hidden_dim,
+            kernel_init=_uniform_fan_in(self.embedding_dim),
+            bias_init=_uniform_fan_in(self.embedding_dim),
+        )
+        self.encoder_output = nn.Dense(
+            self.hidden_dim,
+            kernel_init=_uniform_fan_in(self.hidden_dim),
+            bias_init=_uniform_fan_in(self.hidden_dim),
+        )
+
+    def initial_scale(self) -> float:
+        return float(1.0 / np.sqrt(self.hidden_dim))
+
+    def encode(self, embeddings: jax.Array) -> jax.Array:
+        """float[N, D] embeddings -> float[N, hidden] encodings."""
+        return self.encoder_output(nn.leaky_relu(self.encoder_hidden(embeddings), self.negative_slope))
 
 
 def init_relation_head(
@@ -324,14 +375,16 @@ def init_relation_head(
     hidden_dim: int = 256,
     head: str = "mlp",
 ) -> Variables:
-    """Initial variables {'params', 'batch_stats'} of a `RelationHead` (head='mlp') or
-    of a `DotProductHead` (head='dot', which ignores aggregation and hidden_dim)."""
+    """Initial variables {'params', 'batch_stats'} of a `RelationHead` (head='mlp'), a
+    `DotProductHead` (head='dot', which ignores aggregation and hidden_dim) or an
+    `EncoderDotHead` (head='encoder_dot', which ignores aggregation)."""
     check_choice("head", head, HEADS)
     check_choice("aggregation", aggregation, AGGREGATIONS)
-    if head == "dot":
+    if head in ("dot", "encoder_dot"):
+        module = DotProductHead() if head == "dot" else EncoderDotHead(embedding_dim, hidden_dim)
         dummy = jnp.zeros((2, embedding_dim), jnp.float32)
         index = jnp.zeros((2,), jnp.int32)
-        variables = DotProductHead().init(key, dummy, dummy, index, index, method="score")
+        variables = module.init(key, dummy, dummy, index, index, method="score")
         return {"batch_stats": {}, **variables}
     module = RelationHead(embedding_dim, aggregation, hidden_dim)
     width = 2 * embedding_dim if aggregation == "cat" else embedding_dim
@@ -369,10 +422,19 @@ def pair_metrics(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
 
 def _head_for(
     head_variables: Variables, dim: int, aggregation: str, axis_name
-) -> RelationHead | DotProductHead:
-    """The head matching `head_variables` (a DotProductHead's hold 'scale'; a
-    RelationHead's are checked against D and aggregation)."""
-    if "scale" in head_variables.get("params", {}):
+) -> RelationHead | DotProductHead | EncoderDotHead:
+    """The head matching `head_variables` (an EncoderDotHead's hold 'encoder_hidden',
+    a DotProductHead's 'scale'; RelationHead and EncoderDotHead variables are checked
+    against D, a RelationHead's against the aggregation too)."""
+    params = head_variables.get("params", {})
+    if "encoder_hidden" in params:
+        kernel = params["encoder_hidden"]["kernel"]
+        if kernel.shape[0] != dim:
+            raise ValueError(
+                f"The encoder_dot head encodes embeddings of width {kernel.shape[0]}, got D={dim}."
+            )
+        return EncoderDotHead(dim, kernel.shape[1])
+    if "scale" in params:
         return DotProductHead()
     try:
         kernel = head_variables["params"]["hidden"]["kernel"]
@@ -414,7 +476,8 @@ def relational_loss(
     Args:
       embeddings: float[K, M, D] encoder outputs, view k of image m at [k, m].
       head_variables: variables {'params', 'batch_stats'} of the relation head or of
-        the dot-product ablation; they choose the head (see `init_relation_head`).
+        one of its ablations ('dot', 'encoder_dot'); they choose the head (see
+        `init_relation_head`).
       key: PRNG key for the negatives (may be None with negatives='roll').
       aggregation: 'cat', 'sum', 'mean' or 'max'.
       negatives: 'derangement' (uniform, a fresh one per view pair) or 'roll'.

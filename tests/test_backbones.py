@@ -291,6 +291,42 @@ def test_materialized_stays_a_reduction_that_xla_cpu_does_not_fuse_away():
     np.testing.assert_allclose(compiled(x), 2.0 * x + 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_materialized_is_lowered_for_cpu_only(platform):
+    """GPU and TPU programs (lowered here with jax.export) get x as is, no barrier."""
+    x = _images(13, (2, 3, 3, 4))
+    text = jax.export.export(jax.jit(lambda x: _materialized(2.0 * x)), platforms=(platform,))(x).mlir_module()
+    barrier = "stablehlo.reduce" in text or "stablehlo.concatenate" in text
+    assert barrier == (platform == "cpu"), text
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_resnet_step_lowered_for_gpu_and_tpu_has_no_cpu_workarounds(platform):
+    """A whole ResNet train-mode forward + backward lowered for GPU/TPU: no matmul channel
+    sums (rr_jax.batch_norm) and fewer reductions and concatenations than the CPU lowering
+    (the block barriers), while the CPU lowering has both."""
+    model = ResNet((1, 1), (4, 8))
+    x = _images(14, (2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def step(params, x):
+        def loss(params):
+            features, updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+            )
+            return features.sum(), updates
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    def counts(target):
+        text = jax.export.export(jax.jit(step), platforms=(target,))(variables["params"], x).mlir_module()
+        return [text.count(op) for op in ("stablehlo.dot_general", "stablehlo.reduce", "stablehlo.concatenate")]
+
+    cpu, other = counts("cpu"), counts(platform)
+    assert cpu[0] > 0 and other[0] == 0, (cpu, other)
+    assert other[1] < cpu[1] and other[2] < cpu[2], (cpu, other)
+
+
 def test_invalid_inputs_raise():
     with pytest.raises(ValueError, match=r"resnet99.*conv4.*resnet18"):
         create_backbone("resnet99")

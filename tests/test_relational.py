@@ -308,3 +308,66 @@ def test_sharded_pairs_are_rows_of_the_global_pairs(negatives):
         np.testing.assert_array_equal(to_global, left_g[rows])
         np.testing.assert_array_equal(right, right_g[rows])
         np.testing.assert_array_equal(targets, targets_g[rows])
+
+
+def test_encoder_dot_head_matches_numpy():
+    """The encoder + dot product ablation: logit = scale * <e(z_i), e(z_j)> + bias with
+    e = Dense -> LeakyReLU(0.01) -> Dense on each embedding, against NumPy loops."""
+    z = np.random.default_rng(6).normal(size=(3, 4, 5)).astype(np.float32)
+    variables = init_relation_head(jax.random.key(0), 5, hidden_dim=7, head="encoder_dot")
+    assert jax.tree.map(np.shape, variables["params"]) == {
+        "encoder_hidden": {"kernel": (5, 7), "bias": (7,)},
+        "encoder_output": {"kernel": (7, 7), "bias": (7,)},
+        "scale": (), "bias": (),
+    }
+    np.testing.assert_allclose(variables["params"]["scale"], 1 / np.sqrt(7), rtol=1e-6)
+    params = jax.tree.map(np.asarray, variables["params"])
+    params["bias"] = np.float32(0.2)
+
+    def encode(x):
+        hidden = x @ params["encoder_hidden"]["kernel"] + params["encoder_hidden"]["bias"]
+        hidden = np.where(hidden > 0, hidden, 0.01 * hidden)
+        return hidden @ params["encoder_output"]["kernel"] + params["encoder_output"]["bias"]
+
+    pairs, targets = reference_pairs(z, roll_sigmas(3, 4), "cat")
+    dots = np.array([encode(pair[:5]) @ encode(pair[5:]) for pair in pairs])
+    logits = params["scale"] * dots + params["bias"]
+
+    def loss(params):
+        return relational_loss(jnp.asarray(z), {"batch_stats": {}, "params": params}, None,
+                               negatives="roll", loss="bce")[0]
+
+    jax_params = jax.tree.map(jnp.asarray, params)
+    np.testing.assert_allclose(loss(jax_params), numpy_bce(logits, targets), rtol=1e-5)
+    # d/dscale of mean BCE = mean((sigmoid(logit) - target) * dot)
+    expected = np.mean((1 / (1 + np.exp(-logits)) - targets) * dots)
+    np.testing.assert_allclose(jax.grad(loss)(jax_params)["scale"], expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="width 5, got D=6"):
+        relational_loss(jnp.zeros((2, 3, 6)), variables, None, negatives="roll")
+
+
+def test_encoder_dot_head_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        z = jax.random.normal(jax.random.key(0), (3, 4, 3), jnp.float64)
+        variables = init_relation_head(jax.random.key(1), 3, hidden_dim=5, head="encoder_dot")
+        variables = jax.tree.map(lambda x: x.astype(jnp.float64), variables)
+
+        def loss(z, params):
+            return relational_loss(z, {"batch_stats": {}, "params": params}, None, negatives="roll")[0]
+
+        grad_z, grad_params = jax.grad(loss, argnums=(0, 1))(z, variables["params"])
+        eps = 1e-6
+        rng = np.random.default_rng(1)
+        direction = rng.normal(size=z.shape)
+        numeric = (loss(z + eps * direction, variables["params"]) - loss(z - eps * direction, variables["params"])) / (2 * eps)
+        np.testing.assert_allclose(np.sum(np.asarray(grad_z) * direction), numeric, rtol=1e-6)
+        kernel = variables["params"]["encoder_hidden"]["kernel"]
+        step = rng.normal(size=kernel.shape)
+
+        def at(sign):
+            params = {**variables["params"], "encoder_hidden": {"kernel": kernel + sign * eps * step,
+                                                                "bias": variables["params"]["encoder_hidden"]["bias"]}}
+            return loss(z, params)
+
+        numeric = (at(1) - at(-1)) / (2 * eps)
+        np.testing.assert_allclose(np.sum(np.asarray(grad_params["encoder_hidden"]["kernel"]) * step), numeric, rtol=1e-6)
