@@ -102,7 +102,7 @@ def study_runs() -> list[Run]:
             runs.append(Run(name, "main", method, seed, overrides, plots=relational))
     for k in (2, 4, 16):
         runs.append(Run(f"relational_k{k}_s0", "views", "relational", 0, (("relational.num_views", k),)))
-    ablations = (("head", "dot"), ("aggregation", "sum"), ("aggregation", "mean"),
+    ablations = (("head", "dot"), ("head", "encoder_dot"), ("aggregation", "sum"), ("aggregation", "mean"),
                  ("aggregation", "max"), ("loss", "bce"), ("negatives", "roll"))
     for field, value in ablations:
         overrides = (("relational.num_views", ABLATION_VIEWS), (f"relational.{field}", value))

@@ -35,7 +35,7 @@ class Relational(Objective):
             "loss": "focal",
             "global_negatives": False,  # negatives across devices (all-gather)
             "hidden_dim": 256,
-            "head": "mlp",  # the relation head; 'dot': the dot-product ablation
+            "head": "mlp",  # the relation head; 'dot', 'encoder_dot': the paper's head ablations
         })
 
     @classmethod
