@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rr_jax import data
+from rr_jax import data, inputs
 from rr_jax.augment import normalize_images
 from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -167,7 +167,7 @@ def restore_with_data(
     """
     restored = restore_backbone(workdir, step)
     name = dataset or restored.config["dataset"]
-    spec = data.get_dataset_spec(name, label_space)
+    spec = inputs.dataset_spec(restored.config, name, label_space)
     feature_dim(restored.backbone, restored.variables, spec.image_shape, name)
     data_dir = restored.config.get("data_dir") if data_dir is None else data_dir
     return restored, spec, load_labelled_splits(spec, data_dir)

@@ -11,7 +11,8 @@ same batch at every step (`data.batch_indices`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -22,24 +23,30 @@ from rr_jax import data, streaming
 STREAMING = ("auto", "stream", "memory")
 
 
-def dataset_spec(config: ml_collections.ConfigDict, dataset: str | None = None) -> data.DatasetSpec:
-    """The spec of `dataset` (default `config.dataset`) with the config's image folder,
-    image size (`data.image_size`: square side) and normalisation (`data.mean`,
-    `data.std`) where set; an image folder's class count is that of its tree."""
-    name = dataset or config.dataset
+def dataset_spec(
+    config: Mapping[str, Any], dataset: str | None = None, label_space: str | None = None
+) -> data.DatasetSpec:
+    """The spec of `dataset` (default `config.dataset`) in `label_space` (default: the
+    first) with the config's image folder, image size (`data.image_size`: square side)
+    and normalisation (`data.mean`, `data.std`) where set; an image folder's class count
+    is that of its tree. `config` is a ConfigDict or a saved config dict (config.json,
+    the checkpoint's); its settings apply to its own dataset only."""
+    name = dataset or config["dataset"]
     if name not in data.DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; known: {sorted(data.DATASETS)}.")
     default = next(iter(data.DATASETS[name].values()))
     overrides = {}
-    if default.folder_layout is not None:
-        overrides["image_folder"] = config.image_folder
-    if config.data.image_size is not None:
-        side = config.data.image_size
-        overrides["image_shape"] = (side, side, default.image_shape[2])
-    for key in ("mean", "std"):
-        if config.data[key] is not None:
-            overrides[key] = tuple(config.data[key])
-    return data.get_dataset_spec(name, **overrides)
+    if name == config["dataset"]:
+        settings = config.get("data") or {}
+        if default.folder_layout is not None:
+            overrides["image_folder"] = config.get("image_folder")
+        if settings.get("image_size") is not None:
+            side = settings["image_size"]
+            overrides["image_shape"] = (side, side, default.image_shape[2])
+        for key in ("mean", "std"):
+            if settings.get(key) is not None:
+                overrides[key] = tuple(settings[key])
+    return data.get_dataset_spec(name, label_space, **overrides)
 
 
 def streams(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str) -> bool:

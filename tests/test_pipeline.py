@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import mocked_tfds, numpy_knn_top1
-from image_trees import slimagenet_tree, tiny_imagenet_tree
+from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
 
-from rr_jax import data, train
+from rr_jax import data, linear_probe, train
 from rr_jax.augment import normalize_images
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.errors import Preempted
@@ -140,6 +140,10 @@ def test_slimagenet64_config_trains_on_its_tree(tmp_path, fast_compile):
     assert int(state.step) == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    # The probe after pretraining (as launch.py runs it) finds the tree through the saved config.
+    results = linear_probe.run_probe(str(tmp_path / "run"), epochs=1)
+    assert (results["dataset"], results["num_classes"]) == ("slimagenet64", len(WNIDS))
+    assert (results["num_train"], results["num_test"]) == (8 * len(WNIDS), 2 * len(WNIDS))
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
