@@ -21,12 +21,14 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from rr_jax import data, inputs
 from rr_jax.augment import normalize_images
 from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
+from rr_jax.config import base_config
 
 FEATURE_BATCH_SIZE = 512
 _AXIS = "batch"
@@ -143,6 +145,62 @@ def load_labelled_splits(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """A workdir's backbone and the dataset it is evaluated on.
+
+    Attributes:
+      restored: the backbone, its variables and its pretraining config.
+      spec: the dataset to evaluate on (its image folder and statistics from the
+        pretraining config when it is the pretraining dataset).
+      inputs: the config `rr_jax.inputs` reads the dataset with: the pretraining
+        config's input settings (`data.*`, `image_folder`) and `data_dir`.
+    """
+
+    restored: RestoredBackbone
+    spec: data.DatasetSpec
+    inputs: ml_collections.ConfigDict
+
+
+def prepare_evaluation(
+    workdir: str,
+    *,
+    step: int | None = None,
+    dataset: str | None = None,
+    label_space: str | None = None,
+    data_dir: str | None = None,
+) -> Evaluation:
+    """The restored backbone of `workdir` and the dataset to evaluate it on, checked to
+    fit each other; reads no images (arguments as in `restore_with_data`)."""
+    restored = restore_backbone(workdir, step)
+    name = dataset or restored.config["dataset"]
+    spec = inputs.dataset_spec(restored.config, name, label_space)
+    feature_dim(restored.backbone, restored.variables, spec.image_shape, name)
+    settings = base_config()
+    settings.dataset, settings.image_folder = restored.config["dataset"], restored.config.get("image_folder")
+    settings.data_dir = restored.config.get("data_dir") if data_dir is None else data_dir
+    for key, value in (restored.config.get("data") or {}).items():
+        settings.data[key] = tuple(value) if isinstance(value, list) else value
+    return Evaluation(restored, spec, settings)
+
+
+def split_features(
+    evaluation: Evaluation, split: str, *, batch_size: int = FEATURE_BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float32[N, D] eval-mode features, int32[N] labels) of a whole split in order, in
+    one pass that holds no more than a batch of images: streamed where the split is
+    large (`rr_jax.inputs.streams`), else from the split loaded into memory."""
+    restored, spec = evaluation.restored, evaluation.spec
+    options = dict(backbone=restored.backbone, mean=tuple(spec.mean), std=tuple(spec.std))
+    variables = jax.device_put(restored.variables)
+    features, labels = [], []
+    for batch in inputs.eval_batches(evaluation.inputs, spec, split, batch_size):
+        mask = batch["mask"][0]
+        features.append(np.asarray(_eval_features(variables, batch["image"][0], **options))[mask])
+        labels.append(batch["label"][0][mask])
+    return np.concatenate(features), np.concatenate(labels)
+
+
 def restore_with_data(
     workdir: str,
     *,
@@ -151,8 +209,9 @@ def restore_with_data(
     label_space: str | None = None,
     data_dir: str | None = None,
 ) -> tuple[RestoredBackbone, data.DatasetSpec, LabelledSplits]:
-    """What an evaluation of a workdir's backbone starts from: the restored backbone,
-    the spec of the dataset to evaluate on and its labelled splits.
+    """What an evaluation of a workdir's backbone that needs the images starts from: the
+    restored backbone, the spec of the dataset to evaluate on and its labelled splits
+    in memory.
 
     Args:
       workdir, step: the run and its checkpoint step (None: the latest).
@@ -165,12 +224,9 @@ def restore_with_data(
       ValueError: a corrupt checkpoint, an unknown dataset or label space, or a dataset
         whose images the backbone cannot take.
     """
-    restored = restore_backbone(workdir, step)
-    name = dataset or restored.config["dataset"]
-    spec = inputs.dataset_spec(restored.config, name, label_space)
-    feature_dim(restored.backbone, restored.variables, spec.image_shape, name)
-    data_dir = restored.config.get("data_dir") if data_dir is None else data_dir
-    return restored, spec, load_labelled_splits(spec, data_dir)
+    evaluation = prepare_evaluation(workdir, step=step, dataset=dataset, label_space=label_space, data_dir=data_dir)
+    splits = load_labelled_splits(evaluation.spec, evaluation.inputs.data_dir)
+    return evaluation.restored, evaluation.spec, splits
 
 
 # ----------------------------------------------------------------------- features

@@ -57,7 +57,7 @@ from rr_jax import data
 from rr_jax.augment import normalize_images, random_crop_flip
 from rr_jax.checkpoint import save_probe
 from rr_jax.evaluate import topk_accuracy
-from rr_jax.features import extract_features, feature_dim, restore_with_data
+from rr_jax.features import extract_features, feature_dim, load_labelled_splits, prepare_evaluation, split_features
 from rr_jax.online_probe import LinearHead, classify, cross_entropy, init_head
 
 BATCH_SIZE = 128
@@ -389,17 +389,21 @@ def run_probe(
     """
     start_time = time.perf_counter()
     _check_fraction(label_fraction)
-    restored, spec, splits = restore_with_data(
-        workdir, step=step, dataset=dataset, label_space=label_space, data_dir=data_dir
-    )
+    evaluation = prepare_evaluation(workdir, step=step, dataset=dataset, label_space=label_space, data_dir=data_dir)
+    restored, spec = evaluation.restored, evaluation.spec
     backbone, variables, config, used_step = restored.backbone, restored.variables, restored.config, restored.step
     pretrain_dataset = config["dataset"]
     space = label_space or next(iter(data.DATASETS[dataset or pretrain_dataset]))
-    train_images, train_labels = splits.train_images, splits.train_labels
-    test_images, test_labels = splits.test_images, splits.test_labels
+    if finetune:  # trains on augmented images: the splits in memory
+        splits = load_labelled_splits(spec, evaluation.inputs.data_dir)
+        train_inputs, train_labels = splits.train_images, splits.train_labels
+        test_images, test_labels = splits.test_images, splits.test_labels
+    else:  # features cached in one pass over each split, streamed where it is large
+        train_inputs, train_labels = split_features(evaluation, spec.train_split)
+        test_features, test_labels = split_features(evaluation, spec.test_split)
     if label_fraction < 1.0:
         subset = label_subset(train_labels, label_fraction, seed)
-        train_images, train_labels = train_images[subset], train_labels[subset]
+        train_inputs, train_labels = train_inputs[subset], train_labels[subset]
     logging.info(
         "Probing %s (step %d of %s) on %s/%s: %d train, %d test examples, %d classes%s.",
         config["model"]["backbone"], used_step, workdir, spec.tfds_name, space,
@@ -411,16 +415,16 @@ def run_probe(
     stats = dict(mean=spec.mean, std=spec.std)
     if finetune:
         variables, head, history = finetune_backbone(
-            key, backbone, variables, train_images, train_labels, spec.num_classes, **stats,
+            key, backbone, variables, train_inputs, train_labels, spec.num_classes, **stats,
             epochs=epochs, batch_size=batch_size, padding=spec.image_shape[0] // 8,
         )
+        test_features = extract_features(backbone, variables, test_images, **stats)
     else:
-        train_features = extract_features(backbone, variables, train_images, **stats)
         head, history = train_linear_classifier(
-            key, train_features, train_labels, spec.num_classes,
+            key, train_inputs, train_labels, spec.num_classes,
             epochs=epochs, batch_size=batch_size,
         )
-    logits = classify(head, extract_features(backbone, variables, test_images, **stats))
+    logits = classify(head, test_features)
 
     name = probe_name(
         dataset=dataset if dataset not in (None, pretrain_dataset) else None,

@@ -17,7 +17,7 @@ from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
 
 from rr_jax import data, linear_probe, train
 from rr_jax.augment import normalize_images
-from rr_jax.checkpoint import Checkpointer
+from rr_jax.checkpoint import Checkpointer, restore_probe
 from rr_jax.errors import Preempted
 from rr_jax.features import restore_backbone
 
@@ -177,3 +177,25 @@ def test_launch_rejects_bad_configs_before_compiling(tmp_path, config, override,
     )
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_probe_streams_a_large_split_and_agrees_with_memory(tmp_path, monkeypatch, fast_compile):
+    root = slimagenet_tree(str(tmp_path / "folders"), per_class=(8, 2))
+    config = tiny(load_config("slimagenet64"), tmp_path / "tfds", max_steps=1, image_folder=root, **{
+        "model.backbone": "conv4", "data.streaming": "stream"})
+    workdir = str(tmp_path / "run")
+    train.pretrain(config, workdir)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the streamed probe loaded a split into memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(linear_probe.load_labelled_splits.__globals__["data"], "load_split", no_loading)
+        streamed = linear_probe.run_probe(workdir, epochs=2)
+        streamed_head = restore_probe(os.path.join(workdir, streamed["name"]))
+    monkeypatch.setattr(train.inputs, "streams", lambda *args: False)  # the same probe, splits in memory
+    loaded = linear_probe.run_probe(workdir, epochs=2)
+    assert (streamed["num_train"], streamed["num_test"]) == (loaded["num_train"], loaded["num_test"]) == (24, 6)
+    assert streamed["top1"] == loaded["top1"]
+    for a, b in zip(jax.tree.leaves(streamed_head), jax.tree.leaves(restore_probe(os.path.join(workdir, loaded["name"])))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
