@@ -30,10 +30,12 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 
 # Fields that may differ between a checkpoint's config and the config resuming it: how
-# long to train, how often to log, monitor and checkpoint, where the data lives, and the
-# evaluation that runs after pretraining. Everything else changes what is trained.
+# long to train, how often to log, monitor and checkpoint, where the data lives and how
+# it is read (streamed or in memory give the same batches), and the evaluation that runs
+# after pretraining. Everything else changes what is trained.
 RESUMABLE_FIELDS = (
-    "max_steps", "num_epochs", "log_every_steps", "data_dir", "checkpoint.*",
+    "max_steps", "num_epochs", "log_every_steps", "data_dir", "image_folder", "data.streaming",
+    "data.in_memory_limit_mib", "data.read_threads", "data.prefetch_steps", "checkpoint.*",
     "knn_monitor.*", "online_probe.*", "probe.*",
 )
 # The fields that shape imported weights (a converted checkpoint has no train state).
