@@ -1,7 +1,7 @@
 """The figures of the study's report (rr_jax/study.py render), drawn from results alone.
 
 Each function takes plain numbers (or the arrays `rr_jax.evaluate_run` saved), writes
-one PNG and returns the titles of its panels, in order.
+one PNG and returns the titles of the panels it drew, read back from the figure.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rr_jax.evaluate import draw_retrieval, draw_tsne
+
+
+def _titles(figure: Figure) -> list[str]:
+    return [axis.get_title() for axis in figure.axes if axis.get_visible() and axis.get_title()]
 
 
 def _mean_err(values: Sequence[float]) -> tuple[float, float]:
@@ -46,7 +50,7 @@ def plot_accuracy_vs_views(path: str, by_k: Mapping[int, Mapping[str, Sequence[f
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    return [title]
+    return _titles(figure)
 
 
 def plot_accuracy_vs_labels(path: str, curves: Mapping[str, Mapping[float, Sequence[float]]]) -> list[str]:
@@ -69,7 +73,7 @@ def plot_accuracy_vs_labels(path: str, curves: Mapping[str, Mapping[float, Seque
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    return [title]
+    return _titles(figure)
 
 
 def plot_depth(path: str, bars: Mapping[str, Mapping[str, Sequence[float]]]) -> list[str]:
@@ -94,7 +98,7 @@ def plot_depth(path: str, bars: Mapping[str, Mapping[str, Sequence[float]]]) -> 
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    return [title]
+    return _titles(figure)
 
 
 def plot_retrieval_side_by_side(path: str, grids: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:
@@ -116,7 +120,7 @@ def plot_retrieval_side_by_side(path: str, grids: Mapping[str, Mapping[str, np.n
                        grid["neighbour_images"], grid["query_labels"], grid["neighbour_labels"])
         panel.suptitle(title)
     figure.savefig(path, dpi=80)
-    return list(grids)
+    return [panel.get_suptitle() for panel in figure.subfigs]
 
 
 def plot_tsne_panels(path: str, embeddings: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:
@@ -144,4 +148,4 @@ def plot_tsne_panels(path: str, embeddings: Mapping[str, Mapping[str, np.ndarray
     figure.suptitle(f"t-SNE of the same {len(first)} test features")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    return list(embeddings)
+    return _titles(figure)
