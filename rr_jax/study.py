@@ -604,9 +604,10 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
     if bars:
         plot_depth(os.path.join(figures, "depth.png"), bars)
         lines += [f"## Shallow vs deeper backbone ({DEPTH_STEPS} steps of M=64, K={ABLATION_VIEWS} for relational)", "",
-                  f"Both backbones get the same budget of {DEPTH_STEPS} steps (about a third of an epoch), which keeps "
-                  f"the four runs within an hour on a 2-core CPU; {DEPTH_BACKBONES[1]} is the smallest CIFAR ResNet "
-                  "(ResNet-32 costs about four times as much per image).", "", *table, "",
+                  f"Every backbone gets the same budget, {DEPTH_STEPS} steps of 64 images (seed 0), which keeps the "
+                  f"four runs within about an hour on a 2-core CPU; {DEPTH_BACKBONES[1]} is the smallest CIFAR ResNet "
+                  "(3 residual blocks; the paper's ResNet-32 has 15 and costs about five times as much per image).",
+                  "", *table, "",
                   f"![depth]({link}/figures/depth.png)", "", sentence, ""]
     lines += retrieval_section(results, results_dir, link)
     lines += tsne_section(results, results_dir, link)

@@ -59,9 +59,11 @@ def plot_accuracy_vs_labels(path: str, curves: Mapping[str, Mapping[float, Seque
     figure = Figure(figsize=(5.5, 4))
     axis = figure.subplots()
     fractions = sorted({f for points in curves.values() for f in points})
-    for label, points in curves.items():
+    methods = list(dict.fromkeys(label.removesuffix(" fine-tuned") for label in curves))
+    for label, points in curves.items():  # a method's fine-tuning in its colour, dashed
         xs = sorted(points)
         _errorbars(axis, [100 * x for x in xs], {label: [points[x] for x in xs]},
+                   color=f"C{methods.index(label.removesuffix(' fine-tuned'))}",
                    linestyle="--" if label.endswith("fine-tuned") else "-")
     axis.set_xscale("log")
     axis.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
