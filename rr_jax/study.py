@@ -1,6 +1,6 @@
 """The reproduction study on Fashion-MNIST: every run, its results JSON, RESULTS.md.
 
-    python -m rr_jax.study run [--only=NAME,...]     # from the repository root
+    python -m rr_jax.study run [--only=NAME,...] [--groups=GROUP,...]   # from the repository root
     python -m rr_jax.study render
 
 `run` executes each run of `study_runs()` exactly as a user would: `python launch.py`
@@ -631,6 +631,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("runs_dir", RUNS_DIR, "Where the runs' workdirs live.")
     flags.DEFINE_string("results_dir", RESULTS_DIR, "Where results/<run>.json and figures go.")
     flags.DEFINE_list("only", None, "Run only these run names (default: the whole study).")
+    flags.DEFINE_list("groups", None, "Run only the runs of these groups, e.g. labels,depth,embedding,head.")
     flags.DEFINE_string("output", "RESULTS.md", "The rendered report (render).")
 
 
@@ -643,7 +644,11 @@ def main(argv: list[str]) -> None:
         unknown = set(f.only or ()) - {run.name for run in runs}
         if unknown:
             raise app.UsageError(f"Unknown run names {sorted(unknown)}; known: {[r.name for r in runs]}")
-        run_study([r for r in runs if not f.only or r.name in f.only], f.runs_dir, f.results_dir)
+        groups = {run.group for run in runs}
+        if set(f.groups or ()) - groups:
+            raise app.UsageError(f"Unknown groups {sorted(set(f.groups) - groups)}; known: {sorted(groups)}")
+        chosen = [r for r in runs if (not f.only or r.name in f.only) and (not f.groups or r.group in f.groups)]
+        run_study(chosen, f.runs_dir, f.results_dir)
     render(f.results_dir, f.output)
 
 
