@@ -398,7 +398,17 @@ def plot_retrieval(
         raise ValueError("Give both query_labels and neighbour_labels, or neither.")
     num_queries, k = neighbours.shape[:2]
     figure = Figure(figsize=(1.0 * (k + 1), 1.0 * num_queries))
-    axes = figure.subplots(num_queries, k + 1, squeeze=False)
+    draw_retrieval(figure.subplots(num_queries, k + 1, squeeze=False), queries, neighbours,
+                   query_labels, neighbour_labels)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def draw_retrieval(axes: np.ndarray, queries: np.ndarray, neighbours: np.ndarray,
+                   query_labels: np.ndarray | None, neighbour_labels: np.ndarray | None) -> None:
+    """Draws the grid of `plot_retrieval` into axes[Q, k + 1] (the arguments as there,
+    already checked), so that several grids can share one figure."""
+    num_queries, k = neighbours.shape[:2]
     for row in range(num_queries):
         _show(axes[row, 0], queries[row], edge="black")
         for column in range(k):
@@ -410,8 +420,6 @@ def plot_retrieval(
     axes[0, 0].set_title("query", fontsize=8)
     for column in range(k):
         axes[0, column + 1].set_title(str(column + 1), fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
 
 
 def plot_tsne(
@@ -432,6 +440,17 @@ def plot_tsne(
         )
     figure = Figure(figsize=(7, 6))
     axis = figure.subplots()
+    draw_tsne(axis, embedding, labels, class_names)
+    axis.set_title(f"t-SNE of {embedding.shape[0]} test features")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def draw_tsne(axis, embedding: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None,
+              legend: bool = True) -> None:
+    """Draws the scatter plot of `plot_tsne` (embedding[N, 2] coloured by labels int[N],
+    already checked) into one matplotlib axis, so that several can share one figure."""
+    classes = np.unique(labels)
     num_colours = int(classes.max()) + 1
     # Qualitative colours where they suffice; a continuous map (no legend) beyond 20.
     cmap = "tab10" if num_colours <= 10 else "tab20" if num_colours <= 20 else "nipy_spectral"
@@ -439,7 +458,7 @@ def plot_tsne(
     scatter = axis.scatter(
         embedding[:, 0], embedding[:, 1], c=labels, cmap=cmap, s=6, vmin=-0.5, vmax=top - 0.5
     )
-    if num_colours <= 20:
+    if legend and num_colours <= 20:
         handles = [
             axis.scatter(
                 [], [], color=scatter.cmap(scatter.norm(c)), s=20,
@@ -450,9 +469,6 @@ def plot_tsne(
         axis.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     axis.set_xticks([])
     axis.set_yticks([])
-    axis.set_title(f"t-SNE of {embedding.shape[0]} test features")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
 
 
 # The curves of `plot_curves`: metric name in metrics.jsonl, axis title.

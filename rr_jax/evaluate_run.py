@@ -9,7 +9,10 @@ against the training images; retrieval precision@k of every test image against t
 training images; RankMe of the test features), WORKDIR/retrieval.png (test queries with
 their top-k training neighbours), WORKDIR/tsne.png (t-SNE of test features coloured by
 class) and WORKDIR/curves.png (loss, pair accuracy, kNN top-1, online-probe top-1 and
-RankMe against the step, from WORKDIR/metrics.jsonl).
+RankMe against the step, from WORKDIR/metrics.jsonl). The drawn data go to
+WORKDIR/retrieval.npz and WORKDIR/tsne.npz (see `ARRAYS`), so that figures comparing
+runs can be drawn without the backbones; queries and t-SNE points depend only on the
+seed and the test set, so runs evaluated with the same seed share them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ from rr_jax.features import extract_features, restore_with_data
 
 RESULTS_FILE = "evaluation_results.json"
 METRICS_FILE = "metrics.jsonl"
+# The arrays behind the pictures, WORKDIR/<name>.npz: name -> the arrays it holds.
+ARRAYS = {
+    "retrieval": ("query_indices", "query_images", "query_labels", "neighbour_images", "neighbour_labels"),
+    "tsne": ("points", "embedding", "labels", "class_names"),
+}
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
@@ -110,16 +118,20 @@ def evaluate_run(
     if plots:
         rng = np.random.default_rng(seed)
         queries = rng.choice(len(test_labels), num_queries, replace=False)
-        plot_retrieval(
-            os.path.join(workdir, "retrieval.png"), test_images[queries],
-            train_images[neighbours[queries]], test_labels[queries], train_labels[neighbours[queries]],
-        )
+        retrieval = dict(query_indices=queries, query_images=test_images[queries], query_labels=test_labels[queries],
+                         neighbour_images=train_images[neighbours[queries]],
+                         neighbour_labels=train_labels[neighbours[queries]])
+        plot_retrieval(os.path.join(workdir, "retrieval.png"), retrieval["query_images"], retrieval["neighbour_images"],
+                       retrieval["query_labels"], retrieval["neighbour_labels"])
         points = rng.choice(len(test_labels), min(tsne_points, len(test_labels)), replace=False)
         perplexity = min(30.0, (len(points) - 1) / 3.5)  # t-SNE needs N > 3 * perplexity
-        plot_tsne(
-            os.path.join(workdir, "tsne.png"), np.asarray(tsne(features[1][points], perplexity=perplexity)),
-            test_labels[points], data.class_names(spec, data_dir),
-        )
+        embedding = np.asarray(tsne(features[1][points], perplexity=perplexity))
+        class_names = data.class_names(spec, data_dir)
+        plot_tsne(os.path.join(workdir, "tsne.png"), embedding, test_labels[points], class_names)
+        if jax.process_index() == 0:
+            np.savez_compressed(os.path.join(workdir, "retrieval.npz"), **retrieval)
+            np.savez_compressed(os.path.join(workdir, "tsne.npz"), points=points, embedding=embedding,
+                                labels=test_labels[points], class_names=np.asarray(class_names, dtype=str))
         records = read_metrics(workdir)
         if records:
             plot_curves(os.path.join(workdir, "curves.png"), records)

@@ -1,14 +1,17 @@
 """The reproduction study on Fashion-MNIST: every run, its results JSON, RESULTS.md.
 
-    python -m rr_jax.study run [--only=NAME,...]     # from the repository root
+    python -m rr_jax.study run [--only=NAME,...] [--groups=GROUP,...]   # from the repository root
     python -m rr_jax.study render
 
 `run` executes each run of `study_runs()` exactly as a user would: `python launch.py`
 (pretraining, then the linear probe) and `python -m rr_jax.evaluate_run` (kNN,
-retrieval, t-SNE), in RUNS_DIR/<name>. A run whose results/<name>.json exists is
-skipped, and an interrupted run resumes from its last checkpoint, so the command can be
-stopped and re-run at any time. `render` writes RESULTS.md and its figures from
-results/*.json alone.
+retrieval, t-SNE), in RUNS_DIR/<name>; the 'labels' and 'embedding' runs evaluate the
+workdir of a main run instead (`python -m rr_jax.linear_probe --label_fraction=...`,
+`python -m rr_jax.evaluate_run`), pretraining it first when it is missing. A run whose
+results/<name>.json exists is skipped, and an interrupted run resumes from its last
+checkpoint, so the command can be stopped and re-run at any time. `render` writes
+RESULTS.md and its figures (rr_jax/study_figures.py) from results/*.json and the arrays
+under results/arrays/ alone.
 """
 
 from __future__ import annotations
@@ -28,9 +31,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from absl import app, flags, logging
 
+from rr_jax.evaluate_run import ARRAYS
+from rr_jax.linear_probe import probe_name
 from rr_jax.objectives import OBJECTIVES, get_objective
+from rr_jax.study_figures import (
+    plot_accuracy_vs_labels,
+    plot_accuracy_vs_views,
+    plot_depth,
+    plot_retrieval_side_by_side,
+    plot_tsne_panels,
+)
 
 CONFIG = "configs/study_fashion_mnist.py"
 RUNS_DIR = "runs/study"
@@ -40,15 +53,30 @@ SEEDS = (0, 1, 2)
 MAIN_VIEWS = 8  # K of the main table (configs/study_fashion_mnist.py)
 ABLATION_VIEWS = 4  # K of the one-seed ablations, against relational_k4_s0
 METHODS = tuple(OBJECTIVES)  # every registered method, in the paper's main-table order
+# Accuracy vs available labels: probes on the main runs' backbones (100%: the main runs' own probe).
+LABEL_METHODS = ("relational", "simclr", "supervised", "random")
+LABEL_FRACTIONS = (0.01, 0.1, 0.25, 0.5)
+FINETUNE_FRACTIONS = (0.01, 0.1)  # fine-tuning, seed 0: 100 epochs of the backbone cost minutes per 6 000 images
+# Shallow vs deeper backbone, one seed: K=ABLATION_VIEWS and DEPTH_STEPS steps keep the four runs within the hour.
+DEPTH_METHODS = ("relational", "simclr")
+DEPTH_BACKBONES = ("conv4", "resnet8")
+DEPTH_STEPS = 300
+RETRIEVAL_METHODS = ("relational", "rotationnet")  # the poster's side-by-side retrieval
+SELF_SUPERVISED = tuple(m for m in METHODS if m not in ("supervised", "random"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One pretraining run and its evaluations.
+    """One run of the study: a pretraining run and its evaluations, or an evaluation of
+    another run's pretrained backbone.
 
-    group: 'main' (the method comparison), 'views' (K) or the ablated field
-    ('head', 'aggregation', 'loss', 'negatives'); overrides: config fields given to
-    launch.py on top of CONFIG; plots: also write the t-SNE and retrieval pictures.
+    group: 'main' (the method comparison), 'views' (K), the ablated field ('head',
+    'aggregation', 'loss', 'negatives'), 'depth' (backbones at a smaller budget),
+    'labels' (a probe on a fraction of the labels) or 'embedding' (retrieval and t-SNE
+    arrays); overrides: config fields given to launch.py on top of CONFIG; plots: also
+    write the t-SNE and retrieval pictures; pretrained: the run whose workdir this one
+    evaluates (None: it pretrains in its own); label_fraction, finetune: the probe of a
+    'labels' run.
     """
 
     name: str
@@ -57,6 +85,22 @@ class Run:
     seed: int
     overrides: tuple[tuple[str, Any], ...] = ()
     plots: bool = False
+    pretrained: Run | None = None
+    label_fraction: float | None = None
+    finetune: bool = False
+
+    @property
+    def kind(self) -> str:
+        """'pretrain' (launch.py, then evaluate_run), 'probe' (linear_probe on the
+        pretrained run's workdir) or 'evaluate' (evaluate_run on it)."""
+        if self.pretrained is None:
+            return "pretrain"
+        return "probe" if self.label_fraction is not None else "evaluate"
+
+    @property
+    def workdir_name(self) -> str:
+        """The directory under the runs directory that this run reads or writes."""
+        return self.name if self.pretrained is None else self.pretrained.name
 
     @property
     def num_views(self) -> int:
@@ -64,12 +108,12 @@ class Run:
         method's objective reads them from CONFIG with the run's overrides."""
         config = _study_config()
         with config.unlocked():
-            for key, value in self.overrides:
+            for key, value in (self.pretrained or self).overrides:
                 target, *_, last = [config, *key.split(".")]
                 for part in key.split(".")[:-1]:
                     target = target[part]
                 target[last] = value
-        return get_objective(self.method).views(config)
+        return get_objective((self.pretrained or self).method).views(config)
 
 
 @functools.cache
@@ -91,15 +135,17 @@ def _study_config():
 
 
 def study_runs() -> list[Run]:
-    """The study, most important runs first: the main table seed by seed, then K, then
-    the one-seed ablations of the relation head's design at K=4."""
-    runs = []
+    """The study, most important runs first: the main table seed by seed, then K, the
+    one-seed ablations of the relation head's design at K=4, the retrieval and t-SNE
+    arrays of every method (seed 0), the probes on fewer labels, and the backbones."""
+    runs, main = [], {}
     for seed in SEEDS:
         for method in METHODS:
             relational = method == "relational"  # the method of the study, named with its K
             name = f"{method}_k{MAIN_VIEWS}_s{seed}" if relational else f"{method}_s{seed}"
             overrides = (("method", method), ("seed", seed))
-            runs.append(Run(name, "main", method, seed, overrides, plots=relational))
+            main[method, seed] = Run(name, "main", method, seed, overrides, plots=relational)
+            runs.append(main[method, seed])
     for k in (2, 4, 16):
         runs.append(Run(f"relational_k{k}_s0", "views", "relational", 0, (("relational.num_views", k),)))
     ablations = (("head", "dot"), ("head", "encoder_dot"), ("aggregation", "sum"), ("aggregation", "mean"),
@@ -107,16 +153,43 @@ def study_runs() -> list[Run]:
     for field, value in ablations:
         overrides = (("relational.num_views", ABLATION_VIEWS), (f"relational.{field}", value))
         runs.append(Run(f"relational_k{ABLATION_VIEWS}_{field}_{value}_s0", field, "relational", 0, overrides))
+    for method in METHODS:
+        runs.append(Run(f"embedding_{method}_s0", "embedding", method, 0, plots=True, pretrained=main[method, 0]))
+    for seed in SEEDS:
+        for method in LABEL_METHODS:
+            for fraction in LABEL_FRACTIONS:
+                runs.append(Run(f"labels_{method}_f{100 * fraction:g}_s{seed}", "labels", method, seed,
+                                pretrained=main[method, seed], label_fraction=fraction))
+    for method in LABEL_METHODS:
+        for fraction in FINETUNE_FRACTIONS:
+            runs.append(Run(f"labels_{method}_f{100 * fraction:g}_finetune_s0", "labels", method, 0,
+                            pretrained=main[method, 0], label_fraction=fraction, finetune=True))
+    for method in DEPTH_METHODS:
+        for backbone in DEPTH_BACKBONES:
+            overrides = (("method", method), ("seed", 0), ("model.backbone", backbone), ("max_steps", DEPTH_STEPS))
+            if method == "relational":
+                overrides += (("relational.num_views", ABLATION_VIEWS),)
+            runs.append(Run(f"depth_{method}_{backbone}_s0", "depth", method, 0, overrides))
     return runs
 
 
 def commands(run: Run, runs_dir: str = RUNS_DIR) -> list[list[str]]:
     """The run's command lines (with 'python' for the interpreter)."""
-    workdir = os.path.join(runs_dir, run.name)
+    workdir = os.path.join(runs_dir, run.workdir_name)
+    evaluate = ["python", "-m", "rr_jax.evaluate_run", f"--workdir={workdir}"] + ([] if run.plots else ["--noplots"])
+    if run.kind == "probe":
+        probe = ["python", "-m", "rr_jax.linear_probe", f"--workdir={workdir}",
+                 f"--label_fraction={run.label_fraction:g}", f"--seed={run.seed}"]
+        return [probe + (["--finetune"] if run.finetune else [])]
+    if run.kind == "evaluate":
+        return [evaluate]
     launch = ["python", "launch.py", f"--config={CONFIG}", f"--workdir={workdir}"]
     launch += [f"--config.{key}={value}" for key, value in run.overrides]
-    evaluate = ["python", "-m", "rr_jax.evaluate_run", f"--workdir={workdir}"]
-    return [launch, evaluate + ([] if run.plots else ["--noplots"])]
+    return [launch, evaluate]
+
+
+# The name of a command's wall time in results/<name>.json.
+_STEPS = {"launch.py": "launch", "rr_jax.evaluate_run": "evaluate", "rr_jax.linear_probe": "probe"}
 
 
 def _read_json(path: str) -> Any:
@@ -139,32 +212,28 @@ def _metrics(workdir: str) -> dict[str, Any]:
     }
 
 
-def execute(run: Run, runs_dir: str, results_dir: str,
-            call: Callable[[list[str]], None] = subprocess.run) -> dict[str, Any]:
-    """Runs the commands of `run` (resuming its workdir) and writes results/<name>.json."""
-    workdir = os.path.join(runs_dir, run.name)
-    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
-    wall = []
-    for command in commands(run, runs_dir):
-        logging.info("%s: %s", run.name, shlex.join(command))
-        start = time.perf_counter()
-        call([sys.executable, *command[1:]], check=True)
-        wall.append(time.perf_counter() - start)
+def _call(command: list[str], call: Callable[..., Any]) -> float:
+    """Runs one command line with this interpreter; returns its wall time in seconds."""
+    logging.info("%s", shlex.join(command))
+    start = time.perf_counter()
+    call([sys.executable, *command[1:]], check=True)
+    return time.perf_counter() - start
+
+
+def _copy(source: str, results_dir: str, folder: str, name: str) -> str:
+    """Copies `source` to results_dir/folder/name; returns that path relative to results_dir."""
+    target = os.path.join(results_dir, folder, name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(source, target)
+    return os.path.relpath(target, results_dir)
+
+
+def _pretrain_results(run: Run, workdir: str, results_dir: str) -> dict[str, Any]:
     probe = _read_json(os.path.join(workdir, "probe_results.json"))
     evaluation = _read_json(os.path.join(workdir, "evaluation_results.json"))
-    figures = {}
-    for figure in FIGURES if run.plots else ():
-        target = os.path.join(results_dir, "figures", f"{run.name}_{figure}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(os.path.join(workdir, figure), target)
-        figures[figure.split(".")[0]] = os.path.relpath(target, results_dir)
-    results = {
-        **dataclasses.asdict(run),
-        "overrides": dict(run.overrides),
-        "num_views": run.num_views,
-        "commands": [shlex.join(c) for c in commands(run, runs_dir)],
-        "wall_time_s": {"launch": wall[0], "evaluate": wall[1]},
-        "resumed": resumed,
+    figures = {figure.split(".")[0]: _copy(os.path.join(workdir, figure), results_dir, "figures", f"{run.name}_{figure}")
+               for figure in (FIGURES if run.plots else ())}
+    return {
         "probe_top1": probe["top1"],
         "probe_top5": probe["top5"],
         "pretrain_steps": probe["step"],
@@ -172,6 +241,45 @@ def execute(run: Run, runs_dir: str, results_dir: str,
         "precision_at_10": evaluation["precision_at_10"],
         "figures": figures,
         **_metrics(workdir),
+    }
+
+
+def _probe_results(run: Run, workdir: str, results_dir: str) -> dict[str, Any]:
+    name = probe_name(label_fraction=run.label_fraction, finetune=run.finetune)
+    probe = _read_json(os.path.join(workdir, f"{name}_results.json"))
+    return {"probe_top1": probe["top1"], "probe_top5": probe["top5"], "pretrain_steps": probe["step"],
+            "num_train": probe["num_train"]}
+
+
+def _evaluate_results(run: Run, workdir: str, results_dir: str) -> dict[str, Any]:
+    evaluation = _read_json(os.path.join(workdir, "evaluation_results.json"))
+    arrays = {name: _copy(os.path.join(workdir, f"{name}.npz"), results_dir, "arrays", f"{run.name}_{name}.npz")
+              for name in ARRAYS}
+    return {"knn_top1": evaluation["knn_top1"], "precision_at_10": evaluation["precision_at_10"],
+            "pretrain_steps": evaluation["step"], "arrays": arrays}
+
+
+_RESULTS = {"pretrain": _pretrain_results, "probe": _probe_results, "evaluate": _evaluate_results}
+
+
+def execute(run: Run, runs_dir: str, results_dir: str,
+            call: Callable[..., Any] = subprocess.run) -> dict[str, Any]:
+    """Runs the commands of `run` (resuming its workdir) and writes results/<name>.json."""
+    workdir = os.path.join(runs_dir, run.workdir_name)
+    resumed = run.kind == "pretrain" and os.path.isdir(os.path.join(workdir, "checkpoints"))
+    wall = {}
+    for command in commands(run, runs_dir):
+        wall[next(step for key, step in _STEPS.items() if key in command)] = _call(command, call)
+    results = {
+        **{field.name: getattr(run, field.name) for field in dataclasses.fields(run)},
+        "kind": run.kind,
+        "pretrained": run.pretrained and run.pretrained.name,
+        "overrides": dict(run.overrides),
+        "num_views": run.num_views,
+        "commands": [shlex.join(c) for c in commands(run, runs_dir)],
+        "wall_time_s": wall,
+        "resumed": resumed,
+        **_RESULTS[run.kind](run, workdir, results_dir),
     }
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{run.name}.json")
@@ -181,17 +289,37 @@ def execute(run: Run, runs_dir: str, results_dir: str,
     return results
 
 
+def ensure_pretrained(run: Run, runs_dir: str, results_dir: str,
+                      call: Callable[..., Any] = subprocess.run) -> None:
+    """Makes sure the workdir that `run` evaluates holds a finished pretraining run
+    (launch.py wrote its probe_results.json): a pretraining run whose results are missing
+    is executed in full first; one whose results exist but whose workdir is gone (results
+    are kept, workdirs are not) is re-launched into its workdir, its results file kept."""
+    dependency = run.pretrained
+    if dependency is None or os.path.exists(os.path.join(runs_dir, dependency.name, "probe_results.json")):
+        return
+    if not os.path.exists(os.path.join(results_dir, f"{dependency.name}.json")):
+        logging.info("%s needs the pretraining run %s: running it first.", run.name, dependency.name)
+        execute(dependency, runs_dir, results_dir, call)
+    else:
+        logging.info("%s needs the workdir of %s, which is missing: re-running its pretraining "
+                     "(results/%s.json is kept).", run.name, dependency.name, dependency.name)
+        _call(commands(dependency, runs_dir)[0], call)
+
+
 def run_study(runs: Sequence[Run], runs_dir: str = RUNS_DIR, results_dir: str = RESULTS_DIR,
-              call: Callable[[list[str]], None] = subprocess.run) -> None:
-    """Executes the runs that have no results file yet, in order."""
+              call: Callable[..., Any] = subprocess.run) -> None:
+    """Executes the runs that have no results file yet, in order (pretraining first
+    the runs whose workdirs the others need)."""
     for index, run in enumerate(runs, 1):
         if os.path.exists(os.path.join(results_dir, f"{run.name}.json")):
             logging.info("[%d/%d] %s: done, skipped.", index, len(runs), run.name)
             continue
         logging.info("[%d/%d] %s: running.", index, len(runs), run.name)
+        ensure_pretrained(run, runs_dir, results_dir, call)
         results = execute(run, runs_dir, results_dir, call)
-        logging.info("[%d/%d] %s: probe top-1 %.2f%% in %.0f s.", index, len(runs), run.name,
-                     100 * results["probe_top1"], sum(results["wall_time_s"].values()))
+        score = ", ".join(f"{key} {100 * results[key]:.2f}%" for key in ("probe_top1", "knn_top1") if key in results)
+        logging.info("[%d/%d] %s: %s in %.0f s.", index, len(runs), run.name, score, sum(results["wall_time_s"].values()))
 
 
 # ------------------------------------------------------------------------ report
@@ -261,53 +389,162 @@ def views_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], dict[int
     return _table(header, rows), by_k
 
 
+# The paper's labels of the head ablation: (a) relation head, (b) encoder + dot product, (c) dot product.
+HEAD_ROWS = {"encoder_dot": "(b) encoder + dot product", "dot": "(c) dot product"}
+
+
 def ablation_table(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Each design choice changed alone at K=ABLATION_VIEWS, seed 0, against the default."""
-    base = [r for r in _default_relational(results, ABLATION_VIEWS) if r["seed"] == 0]
-    rows = []
-    if base:
-        base = base[0]
-        scores = (f"{100 * base[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10"))
-        rows.append(["(default) relation head, cat, focal, derangement", *scores, "-", f"{_wall(base):.0f}"])
+    """Each design choice changed alone at K=ABLATION_VIEWS, seed 0, against the default;
+    the head rows first, labelled as in the paper (listed as not run until they are)."""
+    base = next((r for r in _default_relational(results, ABLATION_VIEWS) if r["seed"] == 0), None)
+    rows = {label: [label, "not run yet", "-", "-", "-", "-"] for label in HEAD_ROWS.values()}
     for r in results.values():
         if r["group"] in ("head", "aggregation", "loss", "negatives"):
             value = r["overrides"][f"relational.{r['group']}"]
+            label = HEAD_ROWS.get(value, f"head = {value}") if r["group"] == "head" else f"{r['group']} = {value}"
             delta = f"{100 * (r['probe_top1'] - base['probe_top1']):+.2f}" if base else "-"
             scores = (f"{100 * r[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10"))
-            rows.append([f"{r['group']} = {value}", *scores, delta, f"{_wall(r):.0f}"])
+            rows[label] = [label, *scores, delta, f"{_wall(r):.0f}"]
+    ordered = [rows[label] for label in sorted(rows, key=lambda label: (label not in HEAD_ROWS.values(), label))]
+    if base:
+        scores = (f"{100 * base[k]:.2f}" for k in ("probe_top1", "knn_top1", "precision_at_10"))
+        ordered.insert(0, ["(a) relation head (default: cat, focal, derangement)", *scores, "-", f"{_wall(base):.0f}"])
     header = ("variant", "probe top-1 %", "kNN top-1 %", "precision@10 %", "probe Δ vs default (points)", "wall s")
-    return _table(header, rows)
+    return _table(header, ordered)
 
 
-def plot_accuracy_vs_views(path: str, by_k: dict[int, list[dict[str, Any]]]) -> None:
-    """Linear-probe and kNN top-1 against K (mean, with the seeds' std as error bars)."""
-    from matplotlib.figure import Figure
+def _agreement(holds: int, total: int) -> str:
+    """'agrees' when the poster's claim holds in all `total` comparisons, 'disagrees'
+    when in none, 'agrees in part' otherwise."""
+    return "agrees" if holds == total else "disagrees" if holds == 0 else "agrees in part"
 
-    figure = Figure(figsize=(5, 3.5))
-    axis = figure.subplots()
-    ks = sorted(by_k)
-    for key, label in (("probe_top1", "linear probe"), ("knn_top1", "kNN (k=20)")):
-        values = [[100 * r[key] for r in by_k[k]] for k in ks]
-        errors = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        axis.errorbar(ks, [statistics.mean(v) for v in values], yerr=errors, marker="o", capsize=3, label=label)
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(ks, [str(k) for k in ks])
-    axis.set_xlabel("views per image K (equal epochs)")
-    axis.set_ylabel("test top-1 accuracy (%)")
-    axis.set_title("Fashion-MNIST, conv4, relational")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+
+def labels_curves(results: dict[str, dict[str, Any]]) -> dict[str, dict[float, list[float]]]:
+    """Probe top-1 (fractions) of each method's seeds by label fraction: '<method>' for
+    the linear probe (1.0: the main runs' own probe), '<method> fine-tuned'."""
+    curves = {}
+    for method in LABEL_METHODS:
+        for finetune in (False, True):
+            points: dict[float, list[float]] = {}
+            for r in results.values():
+                if r["group"] == "labels" and r["method"] == method and r["finetune"] == finetune:
+                    points.setdefault(r["label_fraction"], []).append(r["probe_top1"])
+            full = [r["probe_top1"] for r in results.values() if r["group"] == "main" and r["method"] == method]
+            if points and full and not finetune:
+                points[1.0] = full
+            if points:
+                curves[method + (" fine-tuned" if finetune else "")] = dict(sorted(points.items()))
+    return curves
+
+
+def labels_table(curves: dict[str, dict[float, list[float]]]) -> tuple[list[str], str]:
+    """The accuracy-vs-labels table (mean ± std over seeds, their number n) and one
+    sentence comparing its trend with the poster's."""
+    fractions = sorted({f for points in curves.values() for f in points})
+    rows = [[label, *(f"{mean_std(points[f])} (n={len(points[f])})" if f in points else "-" for f in fractions)]
+            for label, points in curves.items()]
+    table = _table(["method", *(f"{100 * f:g}% labels" for f in fractions)], rows)
+    ours, theirs = curves.get("relational", {}), curves.get("simclr", {})
+    shared = [f for f in fractions if f in ours and f in theirs]
+    above = [f for f in shared if statistics.mean(ours[f]) > statistics.mean(theirs[f])]
+    sentence = (f"Relational's linear probe is above SimCLR's at {len(above)} of {len(shared)} label fractions"
+                f" ({', '.join(f'{100 * f:g}%' for f in above) or 'none'}); the poster shows relational above"
+                f" SimCLR at every fraction, so our trend {_agreement(len(above), len(shared))}.")
+    return table, sentence
+
+
+def depth_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, list[float]]], str]:
+    """The backbone comparison at the 'depth' runs' budget: the table, the probe top-1 of
+    each method and backbone (for `plot_depth`) and one sentence against the poster."""
+    runs = [r for r in results.values() if r["group"] == "depth"]
+    bars: dict[str, dict[str, list[float]]] = {}
+    rows = []
+    for method in DEPTH_METHODS:
+        for backbone in DEPTH_BACKBONES:
+            chosen = [r for r in runs if r["method"] == method and r["overrides"]["model.backbone"] == backbone]
+            if chosen:
+                bars.setdefault(method, {})[backbone] = [r["probe_top1"] for r in chosen]
+                rows.append([method + (f" (K={chosen[0]['num_views']})" if method == "relational" else ""), backbone,
+                             chosen[0]["pretrain_steps"], len(chosen),
+                             *(mean_std([r[k] for r in chosen]) for k in ("probe_top1", "knn_top1", "precision_at_10")),
+                             f"{statistics.mean(_wall(r) for r in chosen):.0f}"])
+    header = ("method", "backbone", "steps", "seeds", "probe top-1 %", "kNN top-1 %", "precision@10 %", "wall s / run")
+    shallow, deep = DEPTH_BACKBONES
+    gains = {m: 100 * (statistics.mean(b[deep]) - statistics.mean(b[shallow]))
+             for m, b in bars.items() if shallow in b and deep in b}
+    sentence = ""
+    if gains:
+        text = " and ".join(f"{m} by {gain:+.2f} points" for m, gain in gains.items())
+        sentence = (f"With {deep} instead of {shallow} at the same budget the linear probe changes {text}; the poster"
+                    f" (ResNet-32 vs Conv4, CIFAR-10) shows every method gaining from depth, so our trend"
+                    f" {_agreement(sum(g > 0 for g in gains.values()), len(gains))}.")
+    return _table(header, rows), bars, sentence
+
+
+def _load_arrays(results_dir: str, run: dict[str, Any], name: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(results_dir, run["arrays"][name])) as arrays:
+        return dict(arrays)
+
+
+def _embedding_runs(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The 'embedding' run of each method (seed 0), in METHODS order."""
+    runs = {r["method"]: r for r in results.values() if r["group"] == "embedding"}
+    return {m: runs[m] for m in METHODS if m in runs}
+
+
+def retrieval_section(results: dict[str, dict[str, Any]], results_dir: str, link: str) -> list[str]:
+    """RETRIEVAL_METHODS' retrieval grids side by side with their precision@10, and a
+    sentence against the poster; [] until both runs are done."""
+    runs = _embedding_runs(results)
+    if not all(m in runs for m in RETRIEVAL_METHODS):
+        return []
+    plot_retrieval_side_by_side(
+        os.path.join(results_dir, "figures", "retrieval_side_by_side.png"),
+        {f"{m}: precision@10 {100 * runs[m]['precision_at_10']:.2f}%": _load_arrays(results_dir, runs[m], "retrieval")
+         for m in RETRIEVAL_METHODS})
+    ours, theirs = (runs[m]["precision_at_10"] for m in RETRIEVAL_METHODS)
+    return [f"## Retrieval: {' vs '.join(RETRIEVAL_METHODS)} (seed 0)", "",
+            "The same test queries and their top-10 training neighbours (green: same class) for each method; "
+            "precision@10 over every test image.", "",
+            f"![retrieval side by side]({link}/figures/retrieval_side_by_side.png)", "",
+            f"Relational's precision@10 ({100 * ours:.2f}%) is {'above' if ours > theirs else 'not above'} RotationNet's"
+            f" ({100 * theirs:.2f}%); the poster shows relational retrieving more same-class neighbours, so our result"
+            f" {_agreement(int(ours > theirs), 1)}.", ""]
+
+
+def tsne_section(results: dict[str, dict[str, Any]], results_dir: str, link: str) -> list[str]:
+    """One t-SNE panel per method on the same test points, and a sentence against the
+    poster; [] until an 'embedding' run is done."""
+    runs = _embedding_runs(results)
+    if not runs:
+        return []
+    embeddings = {f"{m} (kNN {100 * r['knn_top1']:.1f}%)": _load_arrays(results_dir, r, "tsne") for m, r in runs.items()}
+    plot_tsne_panels(os.path.join(results_dir, "figures", "tsne_methods.png"), embeddings)
+    points = len(next(iter(embeddings.values()))["points"])
+    lines = [f"## t-SNE of every method (seed 0, the same {points} test points)", "",
+             f"![t-SNE of every method]({link}/figures/tsne_methods.png)", ""]
+    rivals = [m for m in SELF_SUPERVISED if m in runs]
+    if "relational" in rivals and len(rivals) > 1:
+        best = max(rivals, key=lambda m: runs[m]["knn_top1"])
+        lines += [f"Judged by the kNN top-1 of the same features (panel titles), {best} separates the classes best of"
+                  f" the {len(rivals)} self-supervised methods; the poster shows relational with the clearest clusters,"
+                  f" so our trend {_agreement(int(best == 'relational'), 1)}.", ""]
+    return lines
 
 
 def runs_table(results: dict[str, dict[str, Any]]) -> list[str]:
-    rows = [[f"`{name}`", f"{100 * r['probe_top1']:.2f}", f"{100 * r['knn_top1']:.2f}", f"{100 * r['precision_at_10']:.2f}",
-             r["pretrain_steps"], f"{r['wall_time_s']['launch']:.0f}", f"{r['wall_time_s']['evaluate']:.0f}",
+    """Every run: its scores (those it has), steps, wall times and command lines."""
+    def percent(r: dict[str, Any], key: str) -> str:
+        return f"{100 * r[key]:.2f}" if key in r else "-"
+
+    rows = [[f"`{name}`", percent(r, "probe_top1"), percent(r, "knn_top1"), percent(r, "precision_at_10"),
+             r["pretrain_steps"], *(f"{r['wall_time_s'][step]:.0f}" if step in r["wall_time_s"] else "-"
+                                    for step in ("launch", "probe", "evaluate")),
              f"{r['images_per_second']:.0f}" if "images_per_second" in r else "-",
              "<br>".join(f"`{c}`" for c in r["commands"])]
             for name, r in results.items()]
-    header = ("run", "probe top-1 %", "kNN top-1 %", "P@10 %", "steps", "launch s", "evaluate s", "images/s", "commands")
+    header = ("run", "probe top-1 %", "kNN top-1 %", "P@10 %", "steps", "launch s", "probe s", "evaluate s", "images/s",
+              "commands")
     return _table(header, rows)
 
 
@@ -323,8 +560,9 @@ def headline(results: dict[str, dict[str, Any]]) -> str:
 
 
 def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
-    """Writes `output` (and results_dir/figures/accuracy_vs_k.png) from the results;
-    results_dir/notes.md goes first, any other results_dir/*.md before the list of runs."""
+    """Writes `output` and its figures (results_dir/figures/*.png) from the results and
+    the arrays they name; results_dir/notes.md goes first, any other results_dir/*.md
+    before the list of runs. A section appears once its runs are done."""
     results = load_results(results_dir)
     if not results:
         raise FileNotFoundError(f"No results in {results_dir}/; run `python -m rr_jax.study run` first.")
@@ -347,11 +585,33 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
         lines += [open(notes).read().strip(), ""]
     lines += ["## Main table", "", *main_table(results), ""]
     if by_k:
-        plot_accuracy_vs_views(os.path.join(figures, "accuracy_vs_k.png"), by_k)
+        plot_accuracy_vs_views(os.path.join(figures, "accuracy_vs_k.png"),
+                               {k: {key: [r[key] for r in runs] for key in ("probe_top1", "knn_top1")}
+                                for k, runs in by_k.items()})
         lines += ["## Number of views K (equal epochs)", "", *views, "",
                   f"![accuracy vs K]({link}/figures/accuracy_vs_k.png)", ""]
     lines += [f"## Ablations of the relation head (K={ABLATION_VIEWS}, seed 0)", "", *ablation_table(results), ""]
-    plotted = [r for r in results.values() if r["figures"]]
+    curves = labels_curves(results)
+    if curves:
+        table, sentence = labels_table(curves)
+        plot_accuracy_vs_labels(os.path.join(figures, "accuracy_vs_labels.png"), curves)
+        lines += ["## Accuracy vs available labels", "",
+                  "Linear probe (and fine-tuning, seed 0) on a class-balanced fraction of the training labels, drawn "
+                  "with the seed, on the main runs' backbones (pretraining seed = label seed); 100%: the main runs' "
+                  "own probe. Mean ± std over seeds (n).", "", *table, "",
+                  f"![accuracy vs labels]({link}/figures/accuracy_vs_labels.png)", "", sentence, ""]
+    table, bars, sentence = depth_table(results)
+    if bars:
+        plot_depth(os.path.join(figures, "depth.png"), bars)
+        lines += [f"## Shallow vs deeper backbone ({DEPTH_STEPS} steps of M=64, K={ABLATION_VIEWS} for relational)", "",
+                  f"Every backbone gets the same budget, {DEPTH_STEPS} steps of 64 images (seed 0), which keeps the "
+                  f"four runs within about an hour on a 2-core CPU; {DEPTH_BACKBONES[1]} is the smallest CIFAR ResNet "
+                  "(3 residual blocks; the paper's ResNet-32 has 15 and costs about five times as much per image).",
+                  "", *table, "",
+                  f"![depth]({link}/figures/depth.png)", "", sentence, ""]
+    lines += retrieval_section(results, results_dir, link)
+    lines += tsne_section(results, results_dir, link)
+    plotted = [r for r in results.values() if r.get("figures")]
     if plotted:
         best = max(plotted, key=lambda r: r["probe_top1"])
         lines += [f"## Best relational run: `{best['name']}`", "",
@@ -371,6 +631,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("runs_dir", RUNS_DIR, "Where the runs' workdirs live.")
     flags.DEFINE_string("results_dir", RESULTS_DIR, "Where results/<run>.json and figures go.")
     flags.DEFINE_list("only", None, "Run only these run names (default: the whole study).")
+    flags.DEFINE_list("groups", None, "Run only the runs of these groups, e.g. labels,depth,embedding,head.")
     flags.DEFINE_string("output", "RESULTS.md", "The rendered report (render).")
 
 
@@ -383,7 +644,11 @@ def main(argv: list[str]) -> None:
         unknown = set(f.only or ()) - {run.name for run in runs}
         if unknown:
             raise app.UsageError(f"Unknown run names {sorted(unknown)}; known: {[r.name for r in runs]}")
-        run_study([r for r in runs if not f.only or r.name in f.only], f.runs_dir, f.results_dir)
+        groups = {run.group for run in runs}
+        if set(f.groups or ()) - groups:
+            raise app.UsageError(f"Unknown groups {sorted(set(f.groups) - groups)}; known: {sorted(groups)}")
+        chosen = [r for r in runs if (not f.only or r.name in f.only) and (not f.groups or r.group in f.groups)]
+        run_study(chosen, f.runs_dir, f.results_dir)
     render(f.results_dir, f.output)
 
 

@@ -113,6 +113,15 @@ def test_evaluate_run_writes_knn_retrieval_and_pictures(pretrained):
     assert results["rankme"] == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-4)
     for picture in ("retrieval.png", "tsne.png", "curves.png"):  # curves: the run's metrics.jsonl
         assert (workdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    retrieval = np.load(workdir / "retrieval.npz")  # what the pictures show, for figures across runs
+    assert set(retrieval) == set(evaluate_run.ARRAYS["retrieval"])
+    shown = retrieval["query_indices"]
+    np.testing.assert_array_equal(retrieval["query_images"], test_x[shown])
+    np.testing.assert_array_equal(retrieval["neighbour_labels"], train_y[nearest[shown]])
+    np.testing.assert_array_equal(retrieval["neighbour_images"], train_x[nearest[shown]])
+    embedding = np.load(workdir / "tsne.npz")
+    assert set(embedding) == set(evaluate_run.ARRAYS["tsne"]) and embedding["embedding"].shape == (40, 2)
+    np.testing.assert_array_equal(embedding["labels"], test_y[embedding["points"]])
 
 
 def test_coarse_labels_of_a_few_label_subset(pretrained, monkeypatch):
