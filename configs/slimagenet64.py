@@ -10,14 +10,10 @@ Normalisation: mean 0.5 and std 0.25 per channel, the official code's for its 64
 datasets; backbone and K as for tiny-ImageNet.
 """
 
-from rr_jax.config import base_config
+from configs import tiny_imagenet
 
 
 def get_config():
-    config = base_config()
+    config = tiny_imagenet.get_config()
     config.dataset = "slimagenet64"
-    config.model.backbone = "resnet32"
-    config.relational.num_views = 16
-    config.data.mean = (0.5, 0.5, 0.5)
-    config.data.std = (0.25, 0.25, 0.25)
     return config
