@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import shlex
@@ -366,6 +367,30 @@ def main_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return _table(header, rows)
 
 
+# The paper's conv4 CIFAR-10 ranking of the self-supervised methods: relational reasoning,
+# then SimCLR, then DeepCluster, RotationNet and Deep InfoMax (in some order).
+PAPER_RANKING = (("relational",), ("simclr",), ("deepcluster", "rotationnet", "deepinfomax"))
+
+
+def ranking_sentence(results: dict[str, dict[str, Any]]) -> str:
+    """Our order of the methods by mean probe top-1, and where it agrees with the paper's."""
+    means = {}
+    for method in METHODS:
+        runs = [r["probe_top1"] for r in results.values() if r["group"] == "main" and r["method"] == method]
+        if runs:
+            means[method] = statistics.mean(runs)
+    order = sorted(means, key=means.get, reverse=True)
+    ours = " > ".join(f"{m} {100 * means[m]:.2f}" for m in order)
+    tiers = [[m for m in tier if m in means] for tier in PAPER_RANKING]
+    tiers = [tier for tier in tiers if tier]
+    swaps = [(hi, lo) for upper, lower in itertools.combinations(tiers, 2) for hi in upper for lo in lower
+             if means[hi] < means[lo]]
+    verdict = ("agrees with the paper's (relational > SimCLR > DeepCluster / RotationNet / Deep InfoMax)"
+               if not swaps else "disagrees with the paper's where "
+               + ", ".join(f"{lo} ({100 * means[lo]:.2f}) beats {hi} ({100 * means[hi]:.2f})" for hi, lo in swaps))
+    return f"Our order by mean linear-probe top-1: {ours}. The order of the self-supervised methods {verdict}."
+
+
 def _default_relational(results: dict[str, dict[str, Any]], num_views: int) -> list[dict[str, Any]]:
     """Relational runs with every design choice at its default, with K views."""
     return [r for r in results.values() if r["method"] == "relational" and r["group"] in ("main", "views")
@@ -583,7 +608,7 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
     notes = os.path.join(results_dir, "notes.md")
     if os.path.exists(notes):
         lines += [open(notes).read().strip(), ""]
-    lines += ["## Main table", "", *main_table(results), ""]
+    lines += ["## Main table", "", *main_table(results), "", ranking_sentence(results), ""]
     if by_k:
         plot_accuracy_vs_views(os.path.join(figures, "accuracy_vs_k.png"),
                                {k: {key: [r[key] for r in runs] for key in ("probe_top1", "knn_top1")}

@@ -251,3 +251,19 @@ def test_render_tables_from_results(tmp_path):
         assert (tmp_path / "results" / "figures" / f"{figure}.png").stat().st_size > 1000, figure
         assert f"figures/{figure}.png" in text
     assert "figures/relational_k8_s2_tsne.png" in text  # the best relational run's pictures
+
+
+def test_ranking_sentence_names_where_the_order_departs_from_the_paper():
+    def result(method, seed, top1):
+        return {"group": "main", "method": method, "seed": seed, "probe_top1": top1}
+
+    results = {f"{m}_{s}": result(m, s, v) for m, s, v in [
+        ("relational", 0, 0.82), ("relational", 1, 0.80), ("simclr", 0, 0.805), ("rotationnet", 0, 0.79),
+        ("supervised", 0, 0.84)]}
+    sentence = study.ranking_sentence(results)
+    assert sentence.startswith("Our order by mean linear-probe top-1: supervised 84.00 > relational 81.00 > "
+                               "simclr 80.50 > rotationnet 79.00.")
+    assert sentence.endswith("agrees with the paper's (relational > SimCLR > DeepCluster / RotationNet / Deep InfoMax).")
+    results["rotationnet_0"]["probe_top1"] = 0.815
+    assert "disagrees with the paper's where rotationnet (81.50) beats relational (81.00), rotationnet (81.50) beats simclr" \
+        in study.ranking_sentence(results)
