@@ -438,6 +438,21 @@ def ablation_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return _table(header, ordered)
 
 
+def head_sentence(results: dict[str, dict[str, Any]]) -> str:
+    """One sentence: the relation head (a) against the dot-product heads (b) and (c) by
+    probe top-1, against the paper's ablation, which puts (a) first; '' until (a) and
+    one of the others are done."""
+    base = next((r for r in _default_relational(results, ABLATION_VIEWS) if r["seed"] == 0), None)
+    others = {HEAD_ROWS[r["overrides"]["relational.head"]]: r["probe_top1"] for r in results.values()
+              if r["group"] == "head" and r["overrides"]["relational.head"] in HEAD_ROWS}
+    if base is None or not others:
+        return ""
+    beaten = [label for label, top1 in sorted(others.items()) if base["probe_top1"] > top1]
+    gaps = ", ".join(f"{label[:3]} by {100 * (base['probe_top1'] - top1):+.2f} points" for label, top1 in sorted(others.items()))
+    return (f"The relation head (a) is ahead of {len(beaten)} of the {len(others)} dot-product heads ({gaps}); the"
+            f" paper's ablation puts the relation head first, so our trend {_agreement(len(beaten), len(others))}.")
+
+
 def _agreement(holds: int, total: int) -> str:
     """'agrees' when the poster's claim holds in all `total` comparisons, 'disagrees'
     when in none, 'agrees in part' otherwise."""
@@ -615,7 +630,8 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
                                 for k, runs in by_k.items()})
         lines += ["## Number of views K (equal epochs)", "", *views, "",
                   f"![accuracy vs K]({link}/figures/accuracy_vs_k.png)", ""]
-    lines += [f"## Ablations of the relation head (K={ABLATION_VIEWS}, seed 0)", "", *ablation_table(results), ""]
+    lines += [f"## Ablations of the relation head (K={ABLATION_VIEWS}, seed 0)", "", *ablation_table(results), "",
+              head_sentence(results), ""]
     curves = labels_curves(results)
     if curves:
         table, sentence = labels_table(curves)

@@ -228,6 +228,8 @@ def test_render_tables_from_results(tmp_path):
             "| (c) dot product | 81.00 | 80.00 | 60.00 | +0.00 |",
             "| aggregation = max |"]
     assert [ablation.index(row) for row in rows] == sorted(ablation.index(row) for row in rows)
+    assert "ahead of 0 of the 2 dot-product heads ((b) by +0.00 points, (c) by +0.00 points)" in ablation
+    assert "so our trend disagrees." in ablation
     # Accuracy vs labels: mean ± std over the three seeds, 100% from the main runs
     labels = text.split("## Accuracy vs available labels")[1].split("##")[0]
     row = next(line for line in labels.splitlines() if line.startswith("| relational |"))
@@ -251,6 +253,23 @@ def test_render_tables_from_results(tmp_path):
         assert (tmp_path / "results" / "figures" / f"{figure}.png").stat().st_size > 1000, figure
         assert f"figures/{figure}.png" in text
     assert "figures/relational_k8_s2_tsne.png" in text  # the best relational run's pictures
+
+
+def test_head_sentence_compares_the_relation_head_with_both_dot_product_heads():
+    def result(name, top1, head=None):
+        overrides = {"relational.num_views": 4} | ({"relational.head": head} if head else {})
+        return {"name": name, "group": "head" if head else "views", "method": "relational", "seed": 0,
+                "num_views": 4, "overrides": overrides, "probe_top1": top1}
+
+    results = {"a": result("a", 0.8164), "b": result("b", 0.8201, "encoder_dot")}
+    assert "ahead of 0 of the 1 dot-product heads ((b) by -0.37 points)" in study.head_sentence(results)
+    results["c"] = result("c", 0.6935, "dot")
+    sentence = study.head_sentence(results)
+    assert "ahead of 1 of the 2 dot-product heads ((b) by -0.37 points, (c) by +12.29 points)" in sentence
+    assert sentence.endswith("so our trend agrees in part.")
+    results["b"]["probe_top1"] = 0.80
+    assert study.head_sentence(results).endswith("so our trend agrees.")
+    assert study.head_sentence({"c": results["c"]}) == ""
 
 
 def test_ranking_sentence_names_where_the_order_departs_from_the_paper():
