@@ -16,14 +16,14 @@ import importlib.util
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines off the console
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from rr_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, exit_cleanly_on_user_errors
+from rr_jax.run_dir import LOG_FILE, quiet_native_logs, third_party_logs_to_file, unknown_key_message
+from rr_jax.xla_flags import with_cpu_defaults
 
-from rr_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, exit_cleanly_on_user_errors  # noqa: E402
-from rr_jax.run_dir import LOG_FILE, third_party_logs_to_file, unknown_key_message  # noqa: E402
-from rr_jax.xla_flags import with_cpu_defaults  # noqa: E402
+quiet_native_logs()  # before anything imports TensorFlow
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)

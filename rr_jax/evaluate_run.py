@@ -26,8 +26,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rr_jax import data
-from rr_jax.evaluate import (
+from rr_jax.run_dir import quiet_native_logs
+
+quiet_native_logs()  # before rr_jax.data imports TensorFlow
+from rr_jax import data  # noqa: E402
+from rr_jax.evaluate import (  # noqa: E402
     knn_accuracy,
     nearest_neighbours,
     plot_curves,
@@ -37,7 +40,7 @@ from rr_jax.evaluate import (
     rankme,
     tsne,
 )
-from rr_jax.features import extract_features, restore_with_data
+from rr_jax.features import extract_features, restore_with_data  # noqa: E402
 
 RESULTS_FILE = "evaluation_results.json"
 METRICS_FILE = "metrics.jsonl"

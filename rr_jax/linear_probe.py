@@ -53,12 +53,15 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from rr_jax import data
-from rr_jax.augment import normalize_images, random_crop_flip
-from rr_jax.checkpoint import save_probe
-from rr_jax.evaluate import topk_accuracy
-from rr_jax.features import extract_features, feature_dim, load_labelled_splits, prepare_evaluation, split_features
-from rr_jax.online_probe import LinearHead, classify, cross_entropy, init_head
+from rr_jax.run_dir import quiet_native_logs
+
+quiet_native_logs()  # before rr_jax.data imports TensorFlow
+from rr_jax import data  # noqa: E402
+from rr_jax.augment import normalize_images, random_crop_flip  # noqa: E402
+from rr_jax.checkpoint import save_probe  # noqa: E402
+from rr_jax.evaluate import topk_accuracy  # noqa: E402
+from rr_jax.features import extract_features, feature_dim, load_labelled_splits, prepare_evaluation, split_features  # noqa: E402
+from rr_jax.online_probe import LinearHead, classify, cross_entropy, init_head  # noqa: E402
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3

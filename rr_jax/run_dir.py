@@ -43,6 +43,16 @@ WEIGHT_FIELDS = ("dataset", "model.backbone")
 HEAD_FIELDS = ("relational.aggregation", "relational.hidden_dim", "relational.head")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# TensorFlow only reads datasets here; without these its C++ start-up lines (oneDNN
+# notice, CPU features) reach the console, where the user setting always wins.
+NATIVE_LOG_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def quiet_native_logs() -> None:
+    """Sets NATIVE_LOG_DEFAULTS in the environment where unset. Entry points call it
+    before TensorFlow is imported (it reads them once, when it loads)."""
+    for name, value in NATIVE_LOG_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -291,4 +291,5 @@ def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
     ours = {os.path.basename(p) for p in glob.glob(str(ROOT / "rr_jax" / "*.py"))} | {"launch.py"}
     info_sources = set(re.findall(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]", err, flags=re.M))
     assert info_sources and info_sources <= ours, info_sources  # no third-party INFO chatter on the console
+    assert "oneDNN" not in err and "absl::InitializeLog" not in err, err  # nor TensorFlow's C++ start-up lines
     assert "checkpoint_manager.py" in (workdir / "log.txt").read_text()  # ... it is in the log file
