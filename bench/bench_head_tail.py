@@ -13,7 +13,8 @@ gradients of:
 - tail: BatchNorm (rr_jax.batch_norm) -> LeakyReLU -> Dense(1) -> focal loss on a
   materialised [2PM, 256] hidden layer, as rr_jax computes it, against the same in a
   channels-major [256, 2PM] layout (per-channel sums become row sums) and against a
-  bfloat16 hidden layer.
+  bfloat16 hidden layer; and, for scale, one elementwise pass over the hidden layer
+  (read it, write a new one): the memory traffic that any pass over it costs.
 
 Prints one Markdown table: median ms of each and its median per-round ratio to the
 first variant of its group.
@@ -100,7 +101,8 @@ def tail_variants(views: int) -> dict:
 
     return {"tail: rows-major (rr_jax)": (grad(rows_major), (hidden, kernel, scale, bias)),
             "tail: channels-major": (grad(channels_major), (hidden.T, kernel, scale, bias)),
-            "tail: bfloat16 hidden": (grad(bfloat16), (hidden, kernel, scale, bias))}
+            "tail: bfloat16 hidden": (grad(bfloat16), (hidden, kernel, scale, bias)),
+            "reference: one elementwise pass (2 * hidden)": (lambda hidden: 2 * hidden, (hidden,))}
 
 
 def main():
