@@ -490,6 +490,12 @@ def labels_table(curves: dict[str, dict[float, list[float]]]) -> tuple[list[str]
     sentence = (f"Relational's linear probe is above SimCLR's at {len(above)} of {len(shared)} label fractions"
                 f" ({', '.join(f'{100 * f:g}%' for f in above) or 'none'}); the poster shows relational above"
                 f" SimCLR at every fraction, so our trend {_agreement(len(above), len(shared))}.")
+    tuned = {label: points for label, points in curves.items() if label.endswith(" fine-tuned")}
+    for fraction in sorted({f for points in tuned.values() for f in points}):
+        scores = {label.split()[0]: statistics.mean(p[fraction]) for label, p in tuned.items() if fraction in p}
+        spread = ", ".join(f"{m} {100 * v:.2f}" for m, v in sorted(scores.items(), key=lambda item: -item[1]))
+        sentence += (f" Fine-tuned on {100 * fraction:g}% of the labels, the methods span"
+                     f" {100 * (max(scores.values()) - min(scores.values())):.2f} points ({spread}).")
     return table, sentence
 
 

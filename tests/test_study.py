@@ -240,6 +240,10 @@ def test_render_tables_from_results(tmp_path):
     assert finetuned.startswith(f"| simclr fine-tuned | {100 * (0.84 * 0.51 + 0.02):.2f} (n=1) | "
                                 f"{100 * (0.84 * 0.6 + 0.02):.2f} (n=1) | - | - |")
     assert "above SimCLR's at 5 of 5 label fractions (1%, 10%, 25%, 50%, 100%)" in labels and "trend agrees." in labels
+    tuned = {m: 100 * (accuracies[m][0] * 0.6 + 0.02) for m in ("supervised", "relational", "simclr", "random")}
+    assert (f"Fine-tuned on 10% of the labels, the methods span {max(tuned.values()) - min(tuned.values()):.2f} points "
+            f"(supervised {tuned['supervised']:.2f}, relational {tuned['relational']:.2f}, simclr {tuned['simclr']:.2f}, "
+            f"random {tuned['random']:.2f}).") in labels
     # Shallow vs deeper backbone
     backbones = text.split("## Shallow vs deeper backbone")[1].split("##")[0]
     assert "| relational (K=4) | resnet8 | 937 | 1 | 79.00 | 78.00 | 60.00 |" in backbones
