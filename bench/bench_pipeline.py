@@ -20,6 +20,10 @@ With --breakdown, the step's parts are compiled on their own (launch.py's XLA:CP
 and timed interleaved with the whole step, round by round: augment_views of the K*M
 views, the backbone's forward + backward on them, the relation head's loss + gradient
 (`relational_loss` on K x M x 64 embeddings) and Adam's update of every parameter.
+
+--keep-freed-memory first sets glibc's malloc to keep and reuse freed memory
+(bench_host_memory.py), before the backend starts; with --official that applies to the
+PyTorch step in this process too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_host_memory import keep_freed_memory  # noqa: E402
 from timing import compile_and_time  # noqa: E402
 
 from rr_jax import train  # noqa: E402
@@ -177,7 +182,11 @@ def main():
                         help="time each step end to end against the official PyTorch step instead")
     parser.add_argument("--breakdown", action="store_true",
                         help="time the step's parts (augmentation, backbone, head, Adam) interleaved with it")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="set glibc's malloc to reuse freed memory first (bench_host_memory.py)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.breakdown:
         return breakdown_rows(args.backbones.split(","), [int(k) for k in args.views.split(",")], args.repeats)
     if args.official:
