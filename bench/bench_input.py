@@ -117,30 +117,13 @@ def measure(mode: str, tree: str, cache: str, threads: int, steps: int, repeats:
 
 def train_step_images_per_s(repeats: int) -> tuple[float, float]:
     """(median step ms, images/s) of the pretraining step, conv4, K=32, M=64, 64x64."""
-    import jax
+    from bench_pipeline import whole_step
     from timing import compile_and_time
 
-    from rr_jax import train
-    from rr_jax.config import base_config
-    from rr_jax.data import get_dataset_spec
     from rr_jax.xla_flags import CPU_DEFAULTS
 
-    config = base_config()
-    config.model.backbone, config.relational.num_views = "conv4", 32
-    spec = get_dataset_spec("image_folder")
-    devices = jax.local_device_count()
-    backbone = train.make_backbone(config)
-    optimizer = train.make_optimizer(config, total_steps=1)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape)
-    step = train.parallel_train_step(
-        backbone=backbone, optimizer=optimizer, options=train.objective_options(config),
-        augment=train.make_augment_config(config, spec), donate=False,
-    )
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (devices, BATCH // devices, SIDE, SIDE, 3), np.uint8),
-             "label": rng.integers(0, 10, (devices, BATCH // devices), np.int32)}
-    _, step_ms, _ = compile_and_time(jax.jit(step), train.replicate(state), batch, repeats=repeats,
-                                     compiler_options=CPU_DEFAULTS)
+    step, inputs = whole_step("conv4", 32, dataset="image_folder", batch=BATCH)
+    _, step_ms, _ = compile_and_time(step, *inputs, repeats=repeats, compiler_options=CPU_DEFAULTS)
     return step_ms, BATCH / step_ms * 1e3
 
 

@@ -50,14 +50,13 @@ def main():
     optimizer = train.make_optimizer(config, total_steps=1)
     total_steps = data.steps_per_epoch(60000, config.batch_size) * config.num_epochs  # the study run's 937
     probe_optimizer = online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape,
-                                     options=train.objective_options(config))
+    objective = train.make_objective(config, spec)
+    state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape, objective=objective)
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
     probe = online_probe.init(jax.random.key(1), feature_dim(backbone, variables, spec.image_shape),
                               spec.num_classes, probe_optimizer)
     step = jax.jit(train.parallel_train_step(
-        backbone=backbone, optimizer=optimizer, options=train.objective_options(config),
-        augment=train.make_augment_config(config, spec), probe_optimizer=probe_optimizer, donate=False,
+        backbone=backbone, optimizer=optimizer, objective=objective, probe_optimizer=probe_optimizer, donate=False,
     ))
     rng = np.random.default_rng(0)
     local = config.batch_size // devices
