@@ -11,12 +11,17 @@ them). Orbax writes each step into a temporary directory and renames it when com
 so a step cut short by a kill is never listed. Step 0 is never rotated away: it holds
 imported weights (or method 'random''s untrained ones), which no later step replaces.
 A step damaged after it was written can be moved aside (`set_aside`) for inspection.
+When a restore fails part-way, Orbax's outstanding reads finish after its event loop has
+closed; each then reports a harmless "Event loop is closed" to `sys.unraisablehook`,
+which would print a traceback per read. Restores first install a hook that drops exactly
+those (`_drop_reads_of_failed_restores`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +40,33 @@ def checkpoint_dir(workdir: str) -> str:
 
 def _to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _is_read_of_failed_restore(unraisable: Any) -> bool:
+    """Whether `unraisable` is a read finishing after a failed restore closed its event loop."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    frames, traceback = [], unraisable.exc_traceback
+    while traceback is not None:
+        frames.append(traceback.tb_frame.f_code.co_name)
+        traceback = traceback.tb_next
+    return "call_soon_threadsafe" in frames
+
+
+def _drop_reads_of_failed_restores() -> None:
+    """Wraps `sys.unraisablehook` (once) to drop what `_is_read_of_failed_restore`
+    matches; everything else goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_reads_of_failed_restores", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_read_of_failed_restore(unraisable):
+            previous(unraisable)
+
+    hook.drops_reads_of_failed_restores = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -72,8 +104,13 @@ class Checkpointer:
 
     def restore_config(self, step: int) -> dict:
         """The config dict saved with `step`."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        restored = self._restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(restored["config"])
+
+    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
+        """The manager's restore, with the late reads of a failure silenced (module docstring)."""
+        _drop_reads_of_failed_restores()
+        return self._manager.restore(step, args=args)
 
     def set_aside(self, step: int) -> str:
         """Moves the (damaged) directory of `step` to WORKDIR/checkpoints_damaged/<step>,
@@ -121,9 +158,10 @@ class Checkpointer:
         """
         target = _to_host(target)
         fields = _fields(target)
+        _drop_reads_of_failed_restores()
         saved = self._manager.item_metadata(step)["state"]
         present = {name: value for name, value in fields.items() if name in saved}
-        restored = self._manager.restore(
+        restored = self._restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(present))
         )["state"]
         if isinstance(target, Mapping):
@@ -133,7 +171,7 @@ class Checkpointer:
     def restore_backbone(self, step: int | None = None) -> tuple[Any, dict]:
         """(backbone variables as NumPy, config dict) of `step` (default: the latest)."""
         step = self._require_step(step)
-        restored = self._manager.restore(
+        restored = self._restore(
             step,
             args=ocp.args.Composite(
                 backbone=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
@@ -158,7 +196,7 @@ class Checkpointer:
 
     def _restore_item(self, step: int, item: str) -> Any:
         """Item `item` of `step` as saved, NumPy leaves; KeyError if the step lacks it."""
-        restored = self._manager.restore(
+        restored = self._restore(
             step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
         )
         return _to_host(restored[item])
@@ -211,5 +249,6 @@ def restore_probe(directory: str) -> Any:
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"No probe checkpoint in {directory}; run the linear probe first.")
+    _drop_reads_of_failed_restores()
     with ocp.StandardCheckpointer() as checkpointer:
         return _to_host(checkpointer.restore(directory))

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -162,6 +163,22 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, how):
     np.testing.assert_array_equal(state["w"], trees[1]["w"])
     assert (tmp_path / "checkpoints_damaged" / "2").is_dir()  # kept for inspection
     assert Checkpointer(str(tmp_path)).all_steps() == [1]
+
+
+def test_failed_restore_prints_no_tracebacks_of_late_reads(tmp_path, monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    tree = {f"w{i}": np.arange(5000.0) + i for i in range(20)}
+    writer = Checkpointer(str(tmp_path))
+    writer.save(1, tree, tree, config_lib.base_config().to_dict())
+    writer.wait()
+    _damage(tmp_path / "checkpoints" / "1", "truncated arrays")
+    with pytest.raises(Exception, match="OUT_OF_RANGE"):
+        Checkpointer(str(tmp_path)).restore_state(1, {name: np.zeros(5000) for name in tree})
+    time.sleep(1)  # the reads still in flight finish, each reporting "Event loop is closed" unless dropped
+    elsewhere = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), exc_traceback=None)
+    sys.unraisablehook(elsewhere)  # the same words from anywhere else still get through
+    assert reported == [elsewhere]
 
 
 def test_damaged_checkpoint_resumes_to_the_uninterrupted_result(tmp_path, fast_compile):
