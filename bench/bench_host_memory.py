@@ -15,8 +15,8 @@ threads, so each measurement is a fresh child process of this script: one with g
 defaults, one with `keep_freed_memory()`, alternating round by round. Each child
 builds the pmapped step as bench_pipeline.py does (M = 64, launch.py's XLA:CPU flags),
 runs two warm-up steps, then times `--steps` steps and reports their median, the median
-minor page faults and kernel CPU time per step (getrusage) and its peak RSS. The speed-up is the median of
-the per-round ratios (default / keep).
+minor page faults and kernel CPU time per step (getrusage) and its peak RSS. The
+speed-up is the median of the per-round ratios (default / keep).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ imported weights (or method 'random''s untrained ones), which no later step repl
 A step damaged after it was written can be moved aside (`set_aside`) for inspection.
 When a restore fails part-way, Orbax's outstanding reads finish after its event loop has
 closed; each then reports a harmless "Event loop is closed" to `sys.unraisablehook`,
-which would print a traceback per read. Restores first install a hook that drops exactly
-those (`_drop_reads_of_failed_restores`).
+which would print a traceback per read. A Checkpointer (and `restore_probe`) installs a
+hook that drops exactly those (`_drop_reads_of_failed_restores`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, max_to_keep: int | None = None):
+        _drop_reads_of_failed_restores()
         self._workdir = os.path.abspath(workdir)
         policy = None  # keep every step
         if max_to_keep is not None:
@@ -104,13 +105,8 @@ class Checkpointer:
 
     def restore_config(self, step: int) -> dict:
         """The config dict saved with `step`."""
-        restored = self._restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(restored["config"])
-
-    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
-        """The manager's restore, with the late reads of a failure silenced (module docstring)."""
-        _drop_reads_of_failed_restores()
-        return self._manager.restore(step, args=args)
 
     def set_aside(self, step: int) -> str:
         """Moves the (damaged) directory of `step` to WORKDIR/checkpoints_damaged/<step>,
@@ -158,10 +154,9 @@ class Checkpointer:
         """
         target = _to_host(target)
         fields = _fields(target)
-        _drop_reads_of_failed_restores()
         saved = self._manager.item_metadata(step)["state"]
         present = {name: value for name, value in fields.items() if name in saved}
-        restored = self._restore(
+        restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(present))
         )["state"]
         if isinstance(target, Mapping):
@@ -171,7 +166,7 @@ class Checkpointer:
     def restore_backbone(self, step: int | None = None) -> tuple[Any, dict]:
         """(backbone variables as NumPy, config dict) of `step` (default: the latest)."""
         step = self._require_step(step)
-        restored = self._restore(
+        restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 backbone=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
@@ -196,7 +191,7 @@ class Checkpointer:
 
     def _restore_item(self, step: int, item: str) -> Any:
         """Item `item` of `step` as saved, NumPy leaves; KeyError if the step lacks it."""
-        restored = self._restore(
+        restored = self._manager.restore(
             step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
         )
         return _to_host(restored[item])

@@ -18,7 +18,7 @@ BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
 
 def rr_jax_references(tree: ast.Module):
-    """Yields (line, object, attribute or None, keywords) for each use of rr_jax in `tree`."""
+    """Yields (line, rr_jax module, name, keywords passed) for each use of rr_jax in `tree`."""
     modules = {}  # local name -> rr_jax module
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rr_jax":
