@@ -132,13 +132,13 @@ def test_run_list_names_commands_and_dependencies():
     assert study.commands(by_name["embedding_rotationnet_s0"], "runs") == [
         ["python", "-m", "rr_jax.evaluate_run", "--workdir=runs/rotationnet_s0"]]  # with the pictures and arrays
     depth = [r.name for r in runs if r.group == "depth"]
-    assert depth == ["depth_relational_conv4_s0", "depth_relational_resnet8_s0", "depth_simclr_conv4_s0",
-                     "depth_simclr_resnet8_s0"]
-    launch, evaluate = study.commands(by_name["depth_relational_resnet8_s0"], "runs")
-    assert launch[-4:] == ["--config.seed=0", "--config.model.backbone=resnet8", f"--config.max_steps={study.DEPTH_STEPS}",
-                           "--config.relational.num_views=4"]
-    assert evaluate == ["python", "-m", "rr_jax.evaluate_run", "--workdir=runs/depth_relational_resnet8_s0", "--noplots"]
-    assert by_name["labels_simclr_f25_s1"].num_views == 2 and by_name["depth_relational_conv4_s0"].num_views == 4
+    assert depth == ["depth_relational_conv4_e5_s0", "depth_relational_resnet8_e5_s0", "depth_simclr_conv4_e5_s0",
+                     "depth_simclr_resnet8_e5_s0"]
+    launch, evaluate = study.commands(by_name["depth_relational_resnet8_e5_s0"], "runs")
+    assert launch[-5:] == ["--config.seed=0", "--config.model.backbone=resnet8", "--config.num_epochs=5",
+                           "--config.knn_monitor.every_steps=500", "--config.relational.num_views=4"]
+    assert evaluate == ["python", "-m", "rr_jax.evaluate_run", "--workdir=runs/depth_relational_resnet8_e5_s0", "--noplots"]
+    assert by_name["labels_simclr_f25_s1"].num_views == 2 and by_name["depth_relational_conv4_e5_s0"].num_views == 4
 
 
 @pytest.mark.parametrize("state", ["nothing", "results_only", "workdir"])
