@@ -78,26 +78,26 @@ def plot_accuracy_vs_labels(path: str, curves: Mapping[str, Mapping[float, Seque
     return _titles(figure)
 
 
-def plot_depth(path: str, bars: Mapping[str, Mapping[str, Sequence[float]]]) -> list[str]:
-    """Grouped bars: bars[method][backbone] holds the seeds' linear-probe accuracies
-    (fractions); one group per method, one bar per backbone, std as error bars."""
-    figure = Figure(figsize=(5, 3.5))
+def plot_depth(path: str, curves: Mapping[tuple[str, str], Sequence[Sequence[float]]],
+               probes: Mapping[tuple[str, str], float]) -> list[str]:
+    """Learning curves of the backbone comparison: curves[method, backbone] holds the kNN
+    monitor's (step, top-1 fraction) points, drawn in the method's colour, one line style
+    per backbone; probes[method, backbone] (fraction) goes into the legend."""
+    figure = Figure(figsize=(6, 4))
     axis = figure.subplots()
-    backbones = sorted({b for groups in bars.values() for b in groups}, key=lambda b: (b != "conv4", b))
-    width = 0.8 / len(backbones)
-    for index, backbone in enumerate(backbones):
-        methods = [m for m in bars if backbone in bars[m]]
-        means, errors = zip(*(_mean_err(bars[m][backbone]) for m in methods))
-        xs = [list(bars).index(m) + (index - (len(backbones) - 1) / 2) * width for m in methods]
-        axis.bar(xs, means, width, yerr=errors, capsize=3, label=backbone)
-    axis.set_xticks(range(len(bars)), list(bars))
-    axis.set_ylabel("linear-probe top-1 (%)")
-    low = min(_mean_err(v)[0] for groups in bars.values() for v in groups.values())
-    axis.set_ylim(max(0.0, low - 10), None)
-    title = "Fashion-MNIST: shallow vs deeper backbone"
-    axis.set_title(title)
-    axis.grid(alpha=0.3, axis="y")
-    axis.legend()
+    methods = list(dict.fromkeys(method for method, _ in curves))
+    backbones = sorted({b for _, b in curves}, key=lambda b: (b != "conv4", b))
+    for (method, backbone), points in curves.items():
+        steps, top1 = zip(*points)
+        label = f"{method}, {backbone} (probe {100 * probes[method, backbone]:.2f}%)"
+        axis.plot(steps, [100 * t for t in top1], marker="o", markersize=3, color=f"C{methods.index(method)}",
+                  linestyle=("-", "--", ":")[backbones.index(backbone) % 3], label=label)
+    axis.set_xlabel("pretraining step (M=64)")
+    axis.set_ylabel("kNN top-1 (%, monitor)")
+    title = "Fashion-MNIST: shallow vs deeper backbone, learning curves"
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return _titles(figure)

@@ -246,8 +246,9 @@ def test_render_tables_from_results(tmp_path):
             f"random {tuned['random']:.2f}).") in labels
     # Shallow vs deeper backbone
     backbones = text.split("## Shallow vs deeper backbone")[1].split("##")[0]
-    assert "| relational (K=4) | resnet8 | 937 | 1 | 79.00 | 78.00 | 60.00 |" in backbones
-    assert "relational by +3.00 points and simclr by -1.00 points" in backbones and "agrees in part" in backbones
+    assert "| relational (K=4) | resnet8 | 937 | 79.00 | 78.00 | 60.00 | 125 |" in backbones  # images/s: median
+    assert ("for relational resnet8 beats conv4 (+3.00 points); for simclr resnet8 does not beat conv4 (-1.00 points)"
+            in backbones and "agrees in part" in backbones)
     # Retrieval and t-SNE of every method
     retrieval = text.split("## Retrieval")[1].split("##")[0]
     assert "precision@10 (70.00%) is above RotationNet's (65.00%)" in retrieval and "result agrees." in retrieval
