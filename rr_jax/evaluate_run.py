@@ -30,17 +30,10 @@ from rr_jax.run_dir import quiet_native_logs
 
 quiet_native_logs()  # before rr_jax.data imports TensorFlow
 from rr_jax import data  # noqa: E402
-from rr_jax.evaluate import (  # noqa: E402
-    knn_accuracy,
-    nearest_neighbours,
-    plot_curves,
-    plot_retrieval,
-    plot_tsne,
-    precision_at_k,
-    rankme,
-    tsne,
-)
+from rr_jax.evaluate import knn_accuracy, nearest_neighbours, precision_at_k, rankme  # noqa: E402
 from rr_jax.features import extract_features, restore_with_data  # noqa: E402
+from rr_jax.plots import plot_curves, plot_retrieval, plot_tsne  # noqa: E402
+from rr_jax.tsne import tsne  # noqa: E402
 
 RESULTS_FILE = "evaluation_results.json"
 METRICS_FILE = "metrics.jsonl"

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from rr_jax.evaluate import draw_retrieval, draw_tsne
+from rr_jax.plots import draw_retrieval, draw_tsne
 
 
 def _titles(figure: Figure) -> list[str]:

@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from rr_jax import evaluate
+from rr_jax import evaluate, plots, tsne
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -114,7 +114,7 @@ def test_retrieval_grid_frames_matches_green_and_mismatches_red(tmp_path):
 
     def colour_pixels(labels):
         path = str(tmp_path / "grid.png")
-        evaluate.plot_retrieval(path, queries, neighbours, np.array([0, 1]), labels)
+        plots.plot_retrieval(path, queries, neighbours, np.array([0, 1]), labels)
         image = matplotlib.image.imread(path)[..., :3]
         assert image.shape[:2] == (2 * 100, 4 * 100)  # 1 inch per cell at 100 dpi
         return [int(np.sum(np.all(np.abs(image - c) < 0.02, axis=-1))) for c in (green, red)]
@@ -124,7 +124,7 @@ def test_retrieval_grid_frames_matches_green_and_mismatches_red(tmp_path):
     mixed = colour_pixels(np.array([[0, 1, 0], [1, 1, 0]]))
     assert mixed[0] > 0 and mixed[1] > 0
     with pytest.raises(ValueError, match="both query_labels and neighbour_labels"):
-        evaluate.plot_retrieval(str(tmp_path / "x.png"), queries, neighbours, np.array([0, 1]))
+        plots.plot_retrieval(str(tmp_path / "x.png"), queries, neighbours, np.array([0, 1]))
 
 
 # -------------------------------------------------------------------------- t-SNE
@@ -133,7 +133,7 @@ def test_retrieval_grid_frames_matches_green_and_mismatches_red(tmp_path):
 def test_perplexity_calibration():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(60, 5)), jnp.float32)
-    affinities = jax.jit(lambda x: evaluate._conditional_p(evaluate._squared_distances(x), 12.0))
+    affinities = jax.jit(lambda x: tsne._conditional_p(tsne._squared_distances(x), 12.0))
     p = np.asarray(affinities(x))
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
     assert np.all(np.diag(p) == 0)
@@ -158,7 +158,7 @@ def test_tsne_gradient_is_the_gradient_of_the_kl_divergence():
         return jnp.sum(jnp.where(off, p * jnp.log(jnp.where(off, p, 1.0) / q), 0.0))
 
     expected = jax.jit(jax.grad(kl))(y)
-    np.testing.assert_allclose(jax.jit(evaluate.tsne_gradient)(y, p), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(tsne.tsne_gradient)(y, p), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_tsne_separates_clusters_and_plots(tmp_path):
@@ -166,17 +166,17 @@ def test_tsne_separates_clusters_and_plots(tmp_path):
     centres = 10.0 * rng.normal(size=(3, 10))
     labels = np.repeat(np.arange(3), 30)
     features = centres[labels] + rng.normal(size=(90, 10))
-    embedding = np.asarray(evaluate.tsne(features, perplexity=10.0))
+    embedding = np.asarray(tsne.tsne(features, perplexity=10.0))
     assert embedding.shape == (90, 2) and np.isfinite(embedding).all()
     distances = np.sum((embedding[:, None] - embedding[None]) ** 2, axis=-1)
     np.fill_diagonal(distances, np.inf)
     assert np.all(labels[np.argmin(distances, axis=1)] == labels)  # 1-NN in 2-D is in the cluster
-    np.testing.assert_array_equal(embedding, evaluate.tsne(features, perplexity=10.0))
+    np.testing.assert_array_equal(embedding, tsne.tsne(features, perplexity=10.0))
     with pytest.raises(ValueError, match="perplexity must be in \\(0, \\(N - 1\\) / 3\\)"):
-        evaluate.tsne(features, perplexity=40.0)
+        tsne.tsne(features, perplexity=40.0)
 
     path = str(tmp_path / "tsne.png")
-    evaluate.plot_tsne(path, embedding, labels, class_names=["a", "b", "c"])
+    plots.plot_tsne(path, embedding, labels, class_names=["a", "b", "c"])
     image = matplotlib.image.imread(path)[..., :3]
     assert image.shape[:2] == (600, 700)
     tab10 = [np.array(c) / 255 for c in ((31, 119, 180), (255, 127, 14), (44, 160, 44))]
@@ -223,8 +223,8 @@ def test_curves_plot_draws_the_logged_metrics(tmp_path):
     records = [{"step": s, "loss": 1.0 / s, "accuracy": 0.5 + s / 100} for s in range(1, 11)]
     records += [{"step": 5, "knn_top1": 0.7, "rankme": 30.0}, {"step": 10, "knn_top1": 0.8, "rankme": 28.0}]
     path = tmp_path / "curves.png"
-    assert evaluate.plot_curves(str(path), records) == ["loss", "accuracy", "knn_top1", "rankme"]
+    assert plots.plot_curves(str(path), records) == ["loss", "accuracy", "knn_top1", "rankme"]
     assert matplotlib.image.imread(str(path)).shape[:2] == (300, 4 * 320)  # one panel per metric
     with pytest.raises(ValueError, match="hold none of the metrics"):
-        evaluate.plot_curves(str(path), [{"step": 1, "images_per_second": 3.0}])
+        plots.plot_curves(str(path), [{"step": 1, "images_per_second": 3.0}])
 
