@@ -1,4 +1,4 @@
-"""The reproduction study's base run (rr_jax/study.py): conv4 on Fashion-MNIST, 1 epoch.
+"""The reproduction study's base run (rr_jax/study): conv4 on Fashion-MNIST, 1 epoch.
 
     python launch.py --config=configs/study_fashion_mnist.py --workdir=runs/study/NAME \
         [--config.method=simclr --config.seed=1 ...]

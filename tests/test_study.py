@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from matplotlib import image as plt_image
 
-from rr_jax import study, study_figures
+from rr_jax.study import figures as study_figures
+from rr_jax.study import report, runner
+from rr_jax.study import runs as study_runs
 
 
 def fake_arrays(workdir, seed, num_queries=2, k=3, points=12):
@@ -57,7 +59,7 @@ def fake_call(accuracies, precision=None):
                 json.dump({"knn_top1": accuracies[name] - 0.01, "step": 937,
                            "precision_at_10": (precision or {}).get(name, 0.6)}, f)
             if "--noplots" not in command:
-                for figure in study.FIGURES:
+                for figure in study_runs.FIGURES:
                     open(os.path.join(workdir, figure), "wb").close()
                 fake_arrays(workdir, len(calls))
 
@@ -65,27 +67,27 @@ def fake_call(accuracies, precision=None):
 
 
 def test_finished_runs_are_skipped_and_results_written(tmp_path):
-    runs = [study.Run("relational_k8_s0", "main", "relational", 0, (("seed", 0),), plots=True),
-            study.Run("random_s0", "main", "random", 0, (("method", "random"),))]
+    runs = [study_runs.Run("relational_k8_s0", "main", "relational", 0, (("seed", 0),), plots=True),
+            study_runs.Run("random_s0", "main", "random", 0, (("method", "random"),))]
     results_dir, runs_dir = tmp_path / "results", tmp_path / "runs"
     results_dir.mkdir()
     (results_dir / "random_s0.json").write_text("{}")  # finished earlier
     call, calls = fake_call({"relational_k8_s0": 0.85})
-    study.run_study(runs, str(runs_dir), str(results_dir), call)
+    runner.run_study(runs, str(runs_dir), str(results_dir), call)
     assert len(calls) == 2 and all("relational_k8_s0" in c[-2] + c[-1] for c in calls)
-    assert calls[0][1:] == study.commands(runs[0], str(runs_dir))[0][1:]  # launch.py, as a user types it
+    assert calls[0][1:] == study_runs.commands(runs[0], str(runs_dir))[0][1:]  # launch.py, as a user types it
     result = json.loads((results_dir / "relational_k8_s0.json").read_text())
     assert result["probe_top1"] == 0.85 and result["knn_top1"] == pytest.approx(0.84)
     assert result["images_per_second"] == 125  # median of the records after the first
     assert result["knn_curve"] == [[150, 0.7]] and result["overrides"] == {"seed": 0}
     assert result["commands"][0].startswith("python launch.py --config=configs/study_fashion_mnist.py")
     assert os.path.exists(results_dir / result["figures"]["tsne"])
-    study.run_study(runs, str(runs_dir), str(results_dir), call)  # everything done: nothing runs
+    runner.run_study(runs, str(runs_dir), str(results_dir), call)  # everything done: nothing runs
     assert len(calls) == 2
 
 
 def test_views_come_from_the_objectives():
-    runs = {run.name: run for run in study.study_runs()}
+    runs = {run.name: run for run in study_runs.study_runs()}
     assert {name: runs[name].num_views for name in ("supervised_s0", "random_s0", "deepcluster_s0",
                                                      "rotationnet_s0", "deepinfomax_s0", "simclr_s0",
                                                      "relational_k8_s0", "relational_k16_s0")} == {
@@ -94,13 +96,13 @@ def test_views_come_from_the_objectives():
 
 
 def test_a_failed_run_leaves_no_results_file(tmp_path):
-    run = study.Run("simclr_s0", "main", "simclr", 0)
+    run = study_runs.Run("simclr_s0", "main", "simclr", 0)
 
     def call(command, check):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        study.run_study([run], str(tmp_path / "runs"), str(tmp_path / "results"), call)
+        runner.run_study([run], str(tmp_path / "runs"), str(tmp_path / "results"), call)
     assert not (tmp_path / "results" / "simclr_s0.json").exists()
 
 
@@ -110,7 +112,7 @@ def probe_key(run):
 
 
 def test_run_list_names_commands_and_dependencies():
-    runs = study.study_runs()
+    runs = study_runs.study_runs()
     by_name = {run.name: run for run in runs}
     assert len(by_name) == len(runs)  # names are unique
     for index, run in enumerate(runs):  # every workdir a run needs is pretrained by an earlier run
@@ -123,18 +125,18 @@ def test_run_list_names_commands_and_dependencies():
                       for f in (0.01, 0.1, 0.25, 0.5) for s in (0, 1, 2)}
     assert {(r.method, r.label_fraction) for r in labels if r.finetune} == {
         (m, f) for m in ("relational", "simclr", "supervised", "random") for f in (0.01, 0.1)}
-    assert study.commands(by_name["labels_simclr_f25_s1"], "runs") == [
+    assert study_runs.commands(by_name["labels_simclr_f25_s1"], "runs") == [
         ["python", "-m", "rr_jax.linear_probe", "--workdir=runs/simclr_s1", "--label_fraction=0.25", "--seed=1"]]
-    assert study.commands(by_name["labels_relational_f1_finetune_s0"], "runs") == [
+    assert study_runs.commands(by_name["labels_relational_f1_finetune_s0"], "runs") == [
         ["python", "-m", "rr_jax.linear_probe", "--workdir=runs/relational_k8_s0", "--label_fraction=0.01", "--seed=0",
          "--finetune"]]
-    assert [r.name for r in runs if r.group == "embedding"] == [f"embedding_{m}_s0" for m in study.METHODS]
-    assert study.commands(by_name["embedding_rotationnet_s0"], "runs") == [
+    assert [r.name for r in runs if r.group == "embedding"] == [f"embedding_{m}_s0" for m in study_runs.METHODS]
+    assert study_runs.commands(by_name["embedding_rotationnet_s0"], "runs") == [
         ["python", "-m", "rr_jax.evaluate_run", "--workdir=runs/rotationnet_s0"]]  # with the pictures and arrays
     depth = [r.name for r in runs if r.group == "depth"]
     assert depth == ["depth_relational_conv4_e5_s0", "depth_relational_resnet8_e5_s0", "depth_simclr_conv4_e5_s0",
                      "depth_simclr_resnet8_e5_s0"]
-    launch, evaluate = study.commands(by_name["depth_relational_resnet8_e5_s0"], "runs")
+    launch, evaluate = study_runs.commands(by_name["depth_relational_resnet8_e5_s0"], "runs")
     assert launch[-5:] == ["--config.seed=0", "--config.model.backbone=resnet8", "--config.num_epochs=5",
                            "--config.knn_monitor.every_steps=500", "--config.relational.num_views=4"]
     assert evaluate == ["python", "-m", "rr_jax.evaluate_run", "--workdir=runs/depth_relational_resnet8_e5_s0", "--noplots"]
@@ -143,18 +145,18 @@ def test_run_list_names_commands_and_dependencies():
 
 @pytest.mark.parametrize("state", ["nothing", "results_only", "workdir"])
 def test_a_probe_run_pretrains_its_missing_workdir_first(tmp_path, state):
-    labels = next(r for r in study.study_runs() if r.name == "labels_simclr_f10_s1")
+    labels = next(r for r in study_runs.study_runs() if r.name == "labels_simclr_f10_s1")
     runs_dir, results_dir = tmp_path / "runs", tmp_path / "results"
     call, calls = fake_call({"simclr_s1": 0.8, "simclr_s1/0.1/1": 0.7})
     if state != "nothing":  # the pretraining run finished earlier ...
-        study.run_study([labels.pretrained], str(runs_dir), str(results_dir), call)
+        runner.run_study([labels.pretrained], str(runs_dir), str(results_dir), call)
         calls.clear()
     if state == "results_only":  # ... and its workdir is gone, its results kept
         for path in (runs_dir / "simclr_s1").iterdir():
             path.unlink()
         (runs_dir / "simclr_s1").rmdir()
     before = (results_dir / "simclr_s1.json").read_text() if state != "nothing" else None
-    study.run_study([labels], str(runs_dir), str(results_dir), call)
+    runner.run_study([labels], str(runs_dir), str(results_dir), call)
     tools = [next(a for a in c if a in ("launch.py", "rr_jax.evaluate_run", "rr_jax.linear_probe")) for c in calls]
     assert tools == {"nothing": ["launch.py", "rr_jax.evaluate_run", "rr_jax.linear_probe"],
                      "results_only": ["launch.py", "rr_jax.linear_probe"], "workdir": ["rr_jax.linear_probe"]}[state]
@@ -165,9 +167,9 @@ def test_a_probe_run_pretrains_its_missing_workdir_first(tmp_path, state):
     result = json.loads((results_dir / "labels_simclr_f10_s1.json").read_text())
     assert (result["probe_top1"], result["label_fraction"], result["num_train"]) == (0.7, 0.1, 6000)
     assert result["pretrained"] == "simclr_s1" and result["kind"] == "probe" and set(result["wall_time_s"]) == {"probe"}
-    assert result["commands"] == [shlex.join(study.commands(labels, str(runs_dir))[0])]
+    assert result["commands"] == [shlex.join(study_runs.commands(labels, str(runs_dir))[0])]
     calls.clear()
-    study.run_study([labels.pretrained, labels], str(runs_dir), str(results_dir), call)  # both done: skipped
+    runner.run_study([labels.pretrained, labels], str(runs_dir), str(results_dir), call)  # both done: skipped
     assert not calls
 
 
@@ -193,10 +195,10 @@ def test_render_tables_from_results(tmp_path):
                   "simclr": [0.84, 0.845, 0.85], "deepinfomax": [0.83, 0.835, 0.84],
                   "rotationnet": [0.82, 0.825, 0.83], "deepcluster": [0.815, 0.82, 0.81],
                   "random": [0.80, 0.79, 0.81]}
-    assert set(study.METHODS) == set(accuracies)
+    assert set(study_runs.METHODS) == set(accuracies)
     depth = {("relational", "conv4"): 0.76, ("relational", "resnet8"): 0.79, ("simclr", "conv4"): 0.75,
              ("simclr", "resnet8"): 0.74}
-    runs = study.study_runs()
+    runs = study_runs.study_runs()
     values = {}
     for run in runs:
         if run.group == "main":
@@ -208,9 +210,9 @@ def test_render_tables_from_results(tmp_path):
         elif run.group != "embedding":
             values[run.name] = 0.80 + 0.01 * run.num_views / 4
     call, _ = fake_call(values, precision={"relational_k8_s0": 0.7, "rotationnet_s0": 0.65})
-    study.run_study(runs, str(tmp_path / "runs"), str(tmp_path / "results"), call)
+    runner.run_study(runs, str(tmp_path / "runs"), str(tmp_path / "results"), call)
     output = tmp_path / "RESULTS.md"
-    study.render(str(tmp_path / "results"), str(output))
+    report.render(str(tmp_path / "results"), str(output))
     text = output.read_text()
     for method, accs in accuracies.items():
         expected = f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}"
@@ -219,8 +221,8 @@ def test_render_tables_from_results(tmp_path):
     order = ["supervised", "relational", "simclr", "deepinfomax", "rotationnet", "deepcluster", "random"]
     assert [head.index(method) for method in order] == sorted(head.index(method) for method in order)
     table = text.split("## Main table")[1].split("##")[0]  # rows in the paper's order
-    assert [table.index(f"| {method}") for method in study.METHODS] == sorted(
-        table.index(f"| {method}") for method in study.METHODS)
+    assert [table.index(f"| {method}") for method in study_runs.METHODS] == sorted(
+        table.index(f"| {method}") for method in study_runs.METHODS)
     # K=4 default 0.81; both head ablations (K=4) also 0.81 -> delta +0.00; rows labelled and ordered as in the paper
     ablation = text.split("## Ablations")[1].split("##")[0]
     rows = ["| (a) relation head (default: cat, focal, derangement) | 81.00 | 80.00 | 60.00 | - |",
@@ -267,14 +269,14 @@ def test_head_sentence_compares_the_relation_head_with_both_dot_product_heads():
                 "num_views": 4, "overrides": overrides, "probe_top1": top1}
 
     results = {"a": result("a", 0.8164), "b": result("b", 0.8201, "encoder_dot")}
-    assert "ahead of 0 of the 1 dot-product heads ((b) by -0.37 points)" in study.head_sentence(results)
+    assert "ahead of 0 of the 1 dot-product heads ((b) by -0.37 points)" in report.head_sentence(results)
     results["c"] = result("c", 0.6935, "dot")
-    sentence = study.head_sentence(results)
+    sentence = report.head_sentence(results)
     assert "ahead of 1 of the 2 dot-product heads ((b) by -0.37 points, (c) by +12.29 points)" in sentence
     assert sentence.endswith("so our trend agrees in part.")
     results["b"]["probe_top1"] = 0.80
-    assert study.head_sentence(results).endswith("so our trend agrees.")
-    assert study.head_sentence({"c": results["c"]}) == ""
+    assert report.head_sentence(results).endswith("so our trend agrees.")
+    assert report.head_sentence({"c": results["c"]}) == ""
 
 
 def test_ranking_sentence_names_where_the_order_departs_from_the_paper():
@@ -284,10 +286,10 @@ def test_ranking_sentence_names_where_the_order_departs_from_the_paper():
     results = {f"{m}_{s}": result(m, s, v) for m, s, v in [
         ("relational", 0, 0.82), ("relational", 1, 0.80), ("simclr", 0, 0.805), ("rotationnet", 0, 0.79),
         ("supervised", 0, 0.84)]}
-    sentence = study.ranking_sentence(results)
+    sentence = report.ranking_sentence(results)
     assert sentence.startswith("Our order by mean linear-probe top-1: supervised 84.00 > relational 81.00 > "
                                "simclr 80.50 > rotationnet 79.00.")
     assert sentence.endswith("agrees with the paper's (relational > SimCLR > DeepCluster / RotationNet / Deep InfoMax).")
     results["rotationnet_0"]["probe_top1"] = 0.815
     assert "disagrees with the paper's where rotationnet (81.50) beats relational (81.00), rotationnet (81.50) beats simclr" \
-        in study.ranking_sentence(results)
+        in report.ranking_sentence(results)

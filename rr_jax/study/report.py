@@ -1,339 +1,53 @@
-"""The reproduction study on Fashion-MNIST: every run, its results JSON, RESULTS.md.
-
-    python -m rr_jax.study run [--only=NAME,...] [--groups=GROUP,...]   # from the repository root
-    python -m rr_jax.study render
-
-`run` executes each run of `study_runs()` exactly as a user would: `python launch.py`
-(pretraining, then the linear probe) and `python -m rr_jax.evaluate_run` (kNN,
-retrieval, t-SNE), in RUNS_DIR/<name>; the 'labels' and 'embedding' runs evaluate the
-workdir of a main run instead (`python -m rr_jax.linear_probe --label_fraction=...`,
-`python -m rr_jax.evaluate_run`), pretraining it first when it is missing. A run whose
-results/<name>.json exists is skipped, and an interrupted run resumes from its last
-checkpoint, so the command can be stopped and re-run at any time. `render` writes
-RESULTS.md and its figures (rr_jax/study_figures.py) from results/*.json and the arrays
-under results/arrays/ alone.
-"""
+"""RESULTS.md from results/*.json alone: the tables, the sentences that compare our
+trends with the paper's, and the figures (rr_jax.study.figures)."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import glob
-import importlib.util
 import itertools
 import json
 import os
-import shlex
-import shutil
 import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from rr_jax.evaluate_run import ARRAYS
-from rr_jax.linear_probe import probe_name
-from rr_jax.objectives import OBJECTIVES, get_objective
-from rr_jax.study_figures import (
+from rr_jax.study.figures import (
     plot_accuracy_vs_labels,
     plot_accuracy_vs_views,
     plot_depth,
     plot_retrieval_side_by_side,
     plot_tsne_panels,
 )
-
-CONFIG = "configs/study_fashion_mnist.py"
-RUNS_DIR = "runs/study"
-RESULTS_DIR = "results"
-FIGURES = ("tsne.png", "retrieval.png")
-SEEDS = (0, 1, 2)
-MAIN_VIEWS = 8  # K of the main table (configs/study_fashion_mnist.py)
-ABLATION_VIEWS = 4  # K of the one-seed ablations, against relational_k4_s0
-METHODS = tuple(OBJECTIVES)  # every registered method, in the paper's main-table order
-# Accuracy vs available labels: probes on the main runs' backbones (100%: the main runs' own probe).
-LABEL_METHODS = ("relational", "simclr", "supervised", "random")
-LABEL_FRACTIONS = (0.01, 0.1, 0.25, 0.5)
-FINETUNE_FRACTIONS = (0.01, 0.1)  # fine-tuning, seed 0: 100 epochs of the backbone cost minutes per 6 000 images
-# Shallow vs deeper backbone, one seed, K=ABLATION_VIEWS: DEPTH_EPOCHS epochs with the kNN monitor every
-# DEPTH_KNN_EVERY steps, a learning curve per run. resnet8 (not resnet20): its relational run alone takes
-# about 40 minutes of a 2-core CPU at this budget, resnet20 about 2.5 times that.
-DEPTH_METHODS = ("relational", "simclr")
-DEPTH_BACKBONES = ("conv4", "resnet8")
-DEPTH_EPOCHS = 5
-DEPTH_KNN_EVERY = 500
-RETRIEVAL_METHODS = ("relational", "rotationnet")  # the poster's side-by-side retrieval
-SELF_SUPERVISED = tuple(m for m in METHODS if m not in ("supervised", "random"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One run of the study: a pretraining run and its evaluations, or an evaluation of
-    another run's pretrained backbone.
-
-    group: 'main' (the method comparison), 'views' (K), the ablated field ('head',
-    'aggregation', 'loss', 'negatives'), 'depth' (backbones at a smaller budget),
-    'labels' (a probe on a fraction of the labels) or 'embedding' (retrieval and t-SNE
-    arrays); overrides: config fields given to launch.py on top of CONFIG; plots: also
-    write the t-SNE and retrieval pictures; pretrained: the run whose workdir this one
-    evaluates (None: it pretrains in its own); label_fraction, finetune: the probe of a
-    'labels' run.
-    """
-
-    name: str
-    group: str
-    method: str
-    seed: int
-    overrides: tuple[tuple[str, Any], ...] = ()
-    plots: bool = False
-    pretrained: Run | None = None
-    label_fraction: float | None = None
-    finetune: bool = False
-
-    @property
-    def kind(self) -> str:
-        """'pretrain' (launch.py, then evaluate_run), 'probe' (linear_probe on the
-        pretrained run's workdir) or 'evaluate' (evaluate_run on it)."""
-        if self.pretrained is None:
-            return "pretrain"
-        return "probe" if self.label_fraction is not None else "evaluate"
-
-    @property
-    def workdir_name(self) -> str:
-        """The directory under the runs directory that this run reads or writes."""
-        return self.name if self.pretrained is None else self.pretrained.name
-
-    @property
-    def num_views(self) -> int:
-        """Augmented views per image in a step (0: a method that takes no step), as the
-        method's objective reads them from CONFIG with the run's overrides."""
-        config = _study_config()
-        with config.unlocked():
-            for key, value in (self.pretrained or self).overrides:
-                target, *_, last = [config, *key.split(".")]
-                for part in key.split(".")[:-1]:
-                    target = target[part]
-                target[last] = value
-        return get_objective((self.pretrained or self).method).views(config)
-
-
-@functools.cache
-def _config_module():
-    """The module of CONFIG (configs/ is not a package of rr_jax)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("study_config", os.path.join(root, CONFIG))
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, root)  # CONFIG imports configs.fashion_mnist
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(root)
-    return module
-
-
-def _study_config():
-    return _config_module().get_config()
-
-
-def study_runs() -> list[Run]:
-    """The study, most important runs first: the main table seed by seed, then K, the
-    one-seed ablations of the relation head's design at K=4, the retrieval and t-SNE
-    arrays of every method (seed 0), the probes on fewer labels, and the backbones."""
-    runs, main = [], {}
-    for seed in SEEDS:
-        for method in METHODS:
-            relational = method == "relational"  # the method of the study, named with its K
-            name = f"{method}_k{MAIN_VIEWS}_s{seed}" if relational else f"{method}_s{seed}"
-            overrides = (("method", method), ("seed", seed))
-            main[method, seed] = Run(name, "main", method, seed, overrides, plots=relational)
-            runs.append(main[method, seed])
-    for k in (2, 4, 16):
-        runs.append(Run(f"relational_k{k}_s0", "views", "relational", 0, (("relational.num_views", k),)))
-    ablations = (("head", "dot"), ("head", "encoder_dot"), ("aggregation", "sum"), ("aggregation", "mean"),
-                 ("aggregation", "max"), ("loss", "bce"), ("negatives", "roll"))
-    for field, value in ablations:
-        overrides = (("relational.num_views", ABLATION_VIEWS), (f"relational.{field}", value))
-        runs.append(Run(f"relational_k{ABLATION_VIEWS}_{field}_{value}_s0", field, "relational", 0, overrides))
-    for method in METHODS:
-        runs.append(Run(f"embedding_{method}_s0", "embedding", method, 0, plots=True, pretrained=main[method, 0]))
-    for seed in SEEDS:
-        for method in LABEL_METHODS:
-            for fraction in LABEL_FRACTIONS:
-                runs.append(Run(f"labels_{method}_f{100 * fraction:g}_s{seed}", "labels", method, seed,
-                                pretrained=main[method, seed], label_fraction=fraction))
-    for method in LABEL_METHODS:
-        for fraction in FINETUNE_FRACTIONS:
-            runs.append(Run(f"labels_{method}_f{100 * fraction:g}_finetune_s0", "labels", method, 0,
-                            pretrained=main[method, 0], label_fraction=fraction, finetune=True))
-    for method in DEPTH_METHODS:
-        for backbone in DEPTH_BACKBONES:
-            overrides = (("method", method), ("seed", 0), ("model.backbone", backbone), ("num_epochs", DEPTH_EPOCHS),
-                         ("knn_monitor.every_steps", DEPTH_KNN_EVERY))
-            if method == "relational":
-                overrides += (("relational.num_views", ABLATION_VIEWS),)
-            runs.append(Run(f"depth_{method}_{backbone}_e{DEPTH_EPOCHS}_s0", "depth", method, 0, overrides))
-    return runs
-
-
-def commands(run: Run, runs_dir: str = RUNS_DIR) -> list[list[str]]:
-    """The run's command lines (with 'python' for the interpreter)."""
-    workdir = os.path.join(runs_dir, run.workdir_name)
-    evaluate = ["python", "-m", "rr_jax.evaluate_run", f"--workdir={workdir}"] + ([] if run.plots else ["--noplots"])
-    if run.kind == "probe":
-        probe = ["python", "-m", "rr_jax.linear_probe", f"--workdir={workdir}",
-                 f"--label_fraction={run.label_fraction:g}", f"--seed={run.seed}"]
-        return [probe + (["--finetune"] if run.finetune else [])]
-    if run.kind == "evaluate":
-        return [evaluate]
-    launch = ["python", "launch.py", f"--config={CONFIG}", f"--workdir={workdir}"]
-    launch += [f"--config.{key}={value}" for key, value in run.overrides]
-    return [launch, evaluate]
-
-
-# The name of a command's wall time in results/<name>.json.
-_STEPS = {"launch.py": "launch", "rr_jax.evaluate_run": "evaluate", "rr_jax.linear_probe": "probe"}
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _metrics(workdir: str) -> dict[str, Any]:
-    """The last training record, the median throughput and the kNN monitor's curve."""
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    train = [r for r in records if "loss" in r]
-    knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
-    if not train:  # method 'random' takes no step
-        return {"knn_curve": knn}
-    return {
-        "final_loss": train[-1]["loss"],
-        "final_accuracy": train[-1].get("accuracy"),  # None: the method reports no accuracy
-        "images_per_second": statistics.median(r["images_per_second"] for r in train[1:] or train),
-        "knn_curve": knn,
-    }
-
-
-def _call(command: list[str], call: Callable[..., Any]) -> float:
-    """Runs one command line with this interpreter; returns its wall time in seconds."""
-    logging.info("%s", shlex.join(command))
-    start = time.perf_counter()
-    call([sys.executable, *command[1:]], check=True)
-    return time.perf_counter() - start
-
-
-def _copy(source: str, results_dir: str, folder: str, name: str) -> str:
-    """Copies `source` to results_dir/folder/name; returns that path relative to results_dir."""
-    target = os.path.join(results_dir, folder, name)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copyfile(source, target)
-    return os.path.relpath(target, results_dir)
-
-
-def _pretrain_results(run: Run, workdir: str, results_dir: str) -> dict[str, Any]:
-    probe = _read_json(os.path.join(workdir, "probe_results.json"))
-    evaluation = _read_json(os.path.join(workdir, "evaluation_results.json"))
-    figures = {figure.split(".")[0]: _copy(os.path.join(workdir, figure), results_dir, "figures", f"{run.name}_{figure}")
-               for figure in (FIGURES if run.plots else ())}
-    return {
-        "probe_top1": probe["top1"],
-        "probe_top5": probe["top5"],
-        "pretrain_steps": probe["step"],
-        "knn_top1": evaluation["knn_top1"],
-        "precision_at_10": evaluation["precision_at_10"],
-        "figures": figures,
-        **_metrics(workdir),
-    }
-
-
-def _probe_results(run: Run, workdir: str, results_dir: str) -> dict[str, Any]:
-    name = probe_name(label_fraction=run.label_fraction, finetune=run.finetune)
-    probe = _read_json(os.path.join(workdir, f"{name}_results.json"))
-    return {"probe_top1": probe["top1"], "probe_top5": probe["top5"], "pretrain_steps": probe["step"],
-            "num_train": probe["num_train"]}
-
-
-def _evaluate_results(run: Run, workdir: str, results_dir: str) -> dict[str, Any]:
-    evaluation = _read_json(os.path.join(workdir, "evaluation_results.json"))
-    arrays = {name: _copy(os.path.join(workdir, f"{name}.npz"), results_dir, "arrays", f"{run.name}_{name}.npz")
-              for name in ARRAYS}
-    return {"knn_top1": evaluation["knn_top1"], "precision_at_10": evaluation["precision_at_10"],
-            "pretrain_steps": evaluation["step"], "arrays": arrays}
-
-
-_RESULTS = {"pretrain": _pretrain_results, "probe": _probe_results, "evaluate": _evaluate_results}
-
-
-def execute(run: Run, runs_dir: str, results_dir: str,
-            call: Callable[..., Any] = subprocess.run) -> dict[str, Any]:
-    """Runs the commands of `run` (resuming its workdir) and writes results/<name>.json."""
-    workdir = os.path.join(runs_dir, run.workdir_name)
-    resumed = run.kind == "pretrain" and os.path.isdir(os.path.join(workdir, "checkpoints"))
-    wall = {}
-    for command in commands(run, runs_dir):
-        wall[next(step for key, step in _STEPS.items() if key in command)] = _call(command, call)
-    results = {
-        **{field.name: getattr(run, field.name) for field in dataclasses.fields(run)},
-        "kind": run.kind,
-        "pretrained": run.pretrained and run.pretrained.name,
-        "overrides": dict(run.overrides),
-        "num_views": run.num_views,
-        "commands": [shlex.join(c) for c in commands(run, runs_dir)],
-        "wall_time_s": wall,
-        "resumed": resumed,
-        **_RESULTS[run.kind](run, workdir, results_dir),
-    }
-    os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, f"{run.name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)  # a results file is complete or absent
-    return results
-
-
-def ensure_pretrained(run: Run, runs_dir: str, results_dir: str,
-                      call: Callable[..., Any] = subprocess.run) -> None:
-    """Makes sure the workdir that `run` evaluates holds a finished pretraining run
-    (launch.py wrote its probe_results.json): a pretraining run whose results are missing
-    is executed in full first; one whose results exist but whose workdir is gone (results
-    are kept, workdirs are not) is re-launched into its workdir, its results file kept."""
-    dependency = run.pretrained
-    if dependency is None or os.path.exists(os.path.join(runs_dir, dependency.name, "probe_results.json")):
-        return
-    if not os.path.exists(os.path.join(results_dir, f"{dependency.name}.json")):
-        logging.info("%s needs the pretraining run %s: running it first.", run.name, dependency.name)
-        execute(dependency, runs_dir, results_dir, call)
-    else:
-        logging.info("%s needs the workdir of %s, which is missing: re-running its pretraining "
-                     "(results/%s.json is kept).", run.name, dependency.name, dependency.name)
-        _call(commands(dependency, runs_dir)[0], call)
-
-
-def run_study(runs: Sequence[Run], runs_dir: str = RUNS_DIR, results_dir: str = RESULTS_DIR,
-              call: Callable[..., Any] = subprocess.run) -> None:
-    """Executes the runs that have no results file yet, in order (pretraining first
-    the runs whose workdirs the others need)."""
-    for index, run in enumerate(runs, 1):
-        if os.path.exists(os.path.join(results_dir, f"{run.name}.json")):
-            logging.info("[%d/%d] %s: done, skipped.", index, len(runs), run.name)
-            continue
-        logging.info("[%d/%d] %s: running.", index, len(runs), run.name)
-        ensure_pretrained(run, runs_dir, results_dir, call)
-        results = execute(run, runs_dir, results_dir, call)
-        score = ", ".join(f"{key} {100 * results[key]:.2f}%" for key in ("probe_top1", "knn_top1") if key in results)
-        logging.info("[%d/%d] %s: %s in %.0f s.", index, len(runs), run.name, score, sum(results["wall_time_s"].values()))
-
-
-# ------------------------------------------------------------------------ report
+from rr_jax.study.runs import (
+    ABLATION_VIEWS,
+    DEPTH_BACKBONES,
+    DEPTH_EPOCHS,
+    DEPTH_KNN_EVERY,
+    DEPTH_METHODS,
+    LABEL_METHODS,
+    METHODS,
+    RESULTS_DIR,
+    RETRIEVAL_METHODS,
+    SELF_SUPERVISED,
+    study_config,
+)
 
 
 def load_results(results_dir: str = RESULTS_DIR) -> dict[str, dict[str, Any]]:
     """results/<name>.json of every finished run, by name."""
-    names = sorted(f[:-5] for f in os.listdir(results_dir) if f.endswith(".json"))
-    return {name: _read_json(os.path.join(results_dir, f"{name}.json")) for name in names}
+    results = {}
+    for name in sorted(f[:-5] for f in os.listdir(results_dir) if f.endswith(".json")):
+        with open(os.path.join(results_dir, f"{name}.json")) as f:
+            results[name] = json.load(f)
+    return results
+
+
+def main_runs(results: dict[str, dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """The main table's runs of `method` (one per seed)."""
+    return [r for r in results.values() if r["group"] == "main" and r["method"] == method]
 
 
 def mean_std(values: Sequence[float], scale: float = 100.0) -> str:
@@ -360,7 +74,7 @@ def main_table(results: dict[str, dict[str, Any]]) -> list[str]:
     """The method comparison: mean ± std over the seeds of each method."""
     rows = []
     for method in METHODS:
-        runs = [r for r in results.values() if r["group"] == "main" and r["method"] == method]
+        runs = main_runs(results, method)
         if runs:
             rows.append([
                 method + (f" (K={runs[0]['num_views']})" if method == "relational" else ""), len(runs),
@@ -380,7 +94,7 @@ def ranking_sentence(results: dict[str, dict[str, Any]]) -> str:
     """Our order of the methods by mean probe top-1, and where it agrees with the paper's."""
     means = {}
     for method in METHODS:
-        runs = [r["probe_top1"] for r in results.values() if r["group"] == "main" and r["method"] == method]
+        runs = [r["probe_top1"] for r in main_runs(results, method)]
         if runs:
             means[method] = statistics.mean(runs)
     order = sorted(means, key=means.get, reverse=True)
@@ -473,7 +187,7 @@ def labels_curves(results: dict[str, dict[str, Any]]) -> dict[str, dict[float, l
             for r in results.values():
                 if r["group"] == "labels" and r["method"] == method and r["finetune"] == finetune:
                     points.setdefault(r["label_fraction"], []).append(r["probe_top1"])
-            full = [r["probe_top1"] for r in results.values() if r["group"] == "main" and r["method"] == method]
+            full = [r["probe_top1"] for r in main_runs(results, method)]
             if points and full and not finetune:
                 points[1.0] = full
             if points:
@@ -599,11 +313,14 @@ def headline(results: dict[str, dict[str, Any]]) -> str:
     """One sentence: the main table's linear-probe accuracies, best first."""
     parts = []
     for method in METHODS:
-        runs = [r["probe_top1"] for r in results.values() if r["group"] == "main" and r["method"] == method]
+        runs = [r["probe_top1"] for r in main_runs(results, method)]
         if runs:
             parts.append((statistics.mean(runs), f"{method} {mean_std(runs)}%"))
     ordered = ", ".join(text for _, text in sorted(parts, reverse=True))
-    return f"Linear-probe top-1 on the Fashion-MNIST test set (conv4, 1 epoch, mean ± std over seeds): {ordered}."
+    config = study_config()
+    budget = f"{config.num_epochs} epoch" + ("s" if config.num_epochs != 1 else "")
+    return (f"Linear-probe top-1 on the Fashion-MNIST test set ({config.model.backbone}, {budget}, mean ± std over"
+            f" seeds): {ordered}.")
 
 
 def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
@@ -658,8 +375,8 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
                   f"step (seed 0), with the kNN monitor (5 000 training and 1 000 test images) every "
                   f"{DEPTH_KNN_EVERY} steps; {DEPTH_BACKBONES[1]} is the smallest CIFAR ResNet (3 residual blocks; "
                   "the paper's ResNet-32 has 15). The table's kNN column is the evaluation over the whole sets. "
-                  f"The {len(depth_runs)} runs took {hours:.1f} hours of wall time in all on the 2-core CPU "
-                  "(pretraining, probe and evaluation; runs shared the machine, so times are inflated).",
+                  f"The {len(depth_runs)} runs took {hours:.1f} hours of wall time in all (pretraining, probe and "
+                  "evaluation; the machine is described under Setup).",
                   "", *table, "", f"![depth]({link}/figures/depth.png)", "", sentence, ""]
     lines += retrieval_section(results, results_dir, link)
     lines += tsne_section(results, results_dir, link)
@@ -677,33 +394,3 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
     with open(output, "w") as f:
         f.write("\n".join(lines))
     logging.info("Wrote %s from %d runs.", output, len(results))
-
-
-def _define_flags() -> None:
-    flags.DEFINE_string("runs_dir", RUNS_DIR, "Where the runs' workdirs live.")
-    flags.DEFINE_string("results_dir", RESULTS_DIR, "Where results/<run>.json and figures go.")
-    flags.DEFINE_list("only", None, "Run only these run names (default: the whole study).")
-    flags.DEFINE_list("groups", None, "Run only the runs of these groups, e.g. labels,depth,embedding,head.")
-    flags.DEFINE_string("output", "RESULTS.md", "The rendered report (render).")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in ("run", "render"):
-        raise app.UsageError("Usage: python -m rr_jax.study run|render [--flags]")
-    f = flags.FLAGS
-    if argv[1] == "run":
-        runs = study_runs()
-        unknown = set(f.only or ()) - {run.name for run in runs}
-        if unknown:
-            raise app.UsageError(f"Unknown run names {sorted(unknown)}; known: {[r.name for r in runs]}")
-        groups = {run.group for run in runs}
-        if set(f.groups or ()) - groups:
-            raise app.UsageError(f"Unknown groups {sorted(set(f.groups) - groups)}; known: {sorted(groups)}")
-        chosen = [r for r in runs if (not f.only or r.name in f.only) and (not f.groups or r.group in f.groups)]
-        run_study(chosen, f.runs_dir, f.results_dir)
-    render(f.results_dir, f.output)
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
