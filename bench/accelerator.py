@@ -3,7 +3,7 @@
     python bench/accelerator.py [--cases conv4:32:cifar10,resnet32:32:cifar10,resnet34:25:stl10]
                                 [--repeats 10] [--batch 64] [--workers 8] [--no-official]
 
-Per case (backbone:K:dataset) and float32: the pmapped step (bench_pipeline.whole_step)
+Per case (backbone:K:dataset) and float32: the pmapped step (steps.whole_step)
 on 1 device with M = batch images and on all local devices with M = batch per device
 (weak scaling; efficiency = views/s on n devices / (n * views/s on 1)); the host input
 pipeline's rate (rr_jax.data.batches + prefetch_to_devices on uint8 images in memory,
@@ -16,35 +16,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_pipeline import FEATURES, whole_step  # noqa: E402
+from steps import feature_size, whole_step  # noqa: E402
+from timing import compile_and_time, median_ms, wall_ms  # noqa: E402
 
 from rr_jax import data  # noqa: E402
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    """Median wall time of run() in milliseconds, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def step_ms(backbone: str, views: int, dataset: str, batch: int, devices: int, repeats: int) -> float:
     step, inputs = whole_step(backbone, views, dataset=dataset, batch=batch, devices=devices)
-    compiled = step.lower(*inputs).compile()
-    return median_ms(lambda: jax.block_until_ready(compiled(*inputs)), repeats)
+    return compile_and_time(step, *inputs, repeats=repeats)[1]
 
 
 def host_images_per_s(dataset: str, batch: int, devices: int, steps: int = 50) -> float:
@@ -57,11 +43,13 @@ def host_images_per_s(dataset: str, batch: int, devices: int, steps: int = 50) -
         data.batches(images, labels, global_batch_size=batch, seed=0, local_device_count=devices),
         devices=jax.local_devices()[:devices],
     )
+
+    def window():
+        for _ in range(steps):
+            jax.block_until_ready(next(stream))
+
     jax.block_until_ready(next(stream))
-    start = time.perf_counter()
-    for _ in range(steps):
-        jax.block_until_ready(next(stream))
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / wall_ms(window) * 1e3
 
 
 def official_ms(backbone: str, views: int, dataset: str, batch: int, workers: int, repeats: int) -> float | None:
@@ -70,15 +58,14 @@ def official_ms(backbone: str, views: int, dataset: str, batch: int, workers: in
         import torch
     except ImportError:
         return None
-    from bench_backbones import TORCH_MODELS
-    from official_torch import official_step
+    from official_torch import TORCH_MODELS, official_step
 
     if not torch.cuda.is_available() or backbone not in TORCH_MODELS:
         return None
     spec = data.get_dataset_spec(dataset)
     images = np.random.default_rng(0).integers(0, 256, (8 * batch, *spec.image_shape), np.uint8)
-    step = official_step(TORCH_MODELS[backbone](), FEATURES, images, views, spec.mean, spec.std,
-                         batch=batch, workers=workers, device="cuda")
+    step = official_step(TORCH_MODELS[backbone](), feature_size(backbone, spec.image_shape), images, views,
+                         spec.mean, spec.std, batch=batch, workers=workers, device="cuda")
     return median_ms(lambda: (step(), torch.cuda.synchronize()), repeats)
 
 

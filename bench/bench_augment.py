@@ -9,72 +9,51 @@ Acceptance: augmentation costs at most 25% of a Conv4 forward+backward on those 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-from rr_jax.augment import AugmentConfig, augment_views
-from rr_jax.backbones import Conv4
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from steps import augment_config, backbone_step  # noqa: E402
+from timing import compiled, times_ms  # noqa: E402
 
-CIFAR10_CONFIG = AugmentConfig(mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262))
+from rr_jax.augment import augment_views  # noqa: E402
+from rr_jax.backbones import create_backbone  # noqa: E402
+from rr_jax.data import get_dataset_spec  # noqa: E402
 
-
-def time_seconds(fn, repeats: int) -> tuple[float, float]:
-    """(median, min) wall time of fn() after one warm-up (compilation) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+CIFAR10 = get_dataset_spec("cifar10")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=CIFAR10.image_shape[0])
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
+    shape = (args.size, args.size, CIFAR10.image_shape[2])
     rng = np.random.default_rng(0)
-    images = jnp.asarray(
-        rng.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
-    )
+    images = jnp.asarray(rng.integers(0, 256, (args.batch, *shape), dtype=np.uint8))
     key = jax.random.key(0)
-    augment = jax.jit(lambda key: augment_views(key, images, args.views, CIFAR10_CONFIG))
-    views = augment(key).reshape(-1, args.size, args.size, 3)
+    config = augment_config("cifar10")
+    augment, _ = compiled(lambda key: augment_views(key, images, args.views, config), key)
+    views = augment().reshape(-1, *shape)
+    step, inputs = backbone_step(create_backbone("conv4"), views, seed=1)
+    model, _ = compiled(step, *inputs)
 
-    model = Conv4()
-    variables = model.init(jax.random.key(1), views[:2], train=False)
-
-    @jax.jit
-    def forward_backward(params, batch_stats, x):
-        def loss(params):
-            features, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats}, x, train=True,
-                mutable=["batch_stats"],
-            )
-            return jnp.sum(features**2), updates
-
-        return jax.grad(loss, has_aux=True)(params)
-
-    t_augment = time_seconds(lambda: augment(key), args.repeats)
-    t_model = time_seconds(
-        lambda: forward_backward(variables["params"], variables["batch_stats"], views),
-        args.repeats,
-    )
+    t_augment, t_model = (times_ms(run, args.repeats) for run in (augment, model))
     num_views = args.views * args.batch
-    size = f"{args.size}x{args.size}x3"
+    size = "x".join(map(str, shape))
     print(f"device: {jax.devices()[0].device_kind}, views: {num_views} of {size}")
     print("                    median (ms)   min (ms)")
-    for name, (median, best) in [("augment_views", t_augment), ("Conv4 fwd+bwd", t_model)]:
-        print(f"{name:18s} {1e3 * median:11.1f} {1e3 * best:10.1f}")
-    print(f"augment / model: {100 * t_augment[0] / t_model[0]:.1f} % of the median")
+    for name, times in [("augment_views", t_augment), ("Conv4 fwd+bwd", t_model)]:
+        print(f"{name:18s} {statistics.median(times):11.1f} {min(times):10.1f}")
+    print(f"augment / model: {100 * statistics.median(t_augment) / statistics.median(t_model):.1f} % of the median")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ matmuls; XLA:CPU compiler options, YNNPACK fusions on and off. Every JAX/PyTorch
 pair is timed interleaved (A, B, A, B, ...) and the ratio is the median of the per-round
 ratios, so that load from other processes hits both sides alike.
 
-PyTorch is a benchmark-only dependency (`pip install torch`); the PyTorch models are
-written here to mirror rr_jax.backbones (same layers, NCHW).
+PyTorch is a benchmark-only dependency (`pip install torch`); the PyTorch models mirror
+rr_jax.backbones (same layers, NCHW; bench/official_torch.py).
 
   python bench/bench_backbones.py [--repeats 3] [--views 2048] [--breakdown-views 256]
   python bench/bench_backbones.py --profile /tmp/trace   # only the profile table
@@ -30,111 +30,36 @@ import gzip
 import json
 import os
 import re
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from unittest import mock
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-import torch.nn.functional as F
-from jax import lax
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-from rr_jax import backbones
-from rr_jax.augment import AugmentConfig, augment_views
-from rr_jax.backbones import create_backbone
-from rr_jax.batch_norm import BatchNorm
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from jax import lax  # noqa: E402
+from official_torch import TORCH_MODELS  # noqa: E402
+from steps import BATCH, augment_config, backbone_step  # noqa: E402
+from timing import compiled, interleaved, median_ms, wall_ms  # noqa: E402
 
-torch.set_num_threads(os.cpu_count())  # XLA:CPU also uses every core
+from rr_jax import backbones  # noqa: E402
+from rr_jax.augment import augment_views  # noqa: E402
+from rr_jax.backbones import create_backbone  # noqa: E402
+from rr_jax.batch_norm import BatchNorm  # noqa: E402
+from rr_jax.data import get_dataset_spec  # noqa: E402
 
 # XLA:CPU (jaxlib 0.10) hands convolutions, reductions and elementwise ops to YNNPACK
 # fusions by default; an empty fusion-type list turns them off (see BENCHMARKS.md).
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 DEFAULTS_ROW = "XLA defaults (rr_jax imported as a library)"
 LAUNCH_ROW = "YNNPACK fusions off (launch.py)"
+CIFAR10 = get_dataset_spec("cifar10")
 
-# ----------------------------------------------------------------- PyTorch models
-
-
-class TorchConv4(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        layers, cin = [], 3
-        for i, c in enumerate((8, 16, 32, 64)):
-            if i:
-                layers.append(torch.nn.AvgPool2d(2))
-            layers += [torch.nn.Conv2d(cin, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU()]
-            cin = c
-        self.net = torch.nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x).mean((2, 3))
-
-
-class TorchBasicBlock(torch.nn.Module):
-    def __init__(self, cin, c, stride):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(cin, c, 3, stride, 1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(c)
-        self.conv2 = torch.nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = torch.nn.BatchNorm2d(c)
-        self.downsample = None
-        if stride != 1 or cin != c:
-            self.downsample = torch.nn.Sequential(
-                torch.nn.Conv2d(cin, c, 1, stride, bias=False), torch.nn.BatchNorm2d(c)
-            )
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchCifarResNet(torch.nn.Module):
-    def __init__(self, depth):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(16)
-        blocks, cin = [], 16
-        for stage, c in enumerate((16, 32, 64)):
-            for b in range((depth - 2) // 6):
-                blocks.append(TorchBasicBlock(cin, c, 2 if stage and not b else 1))
-                cin = c
-        self.blocks = torch.nn.Sequential(*blocks)
-
-    def forward(self, x):
-        return self.blocks(torch.relu(self.bn1(self.conv1(x)))).mean((2, 3))
-
-
-TORCH_MODELS = {"conv4": TorchConv4, "resnet32": functools.partial(TorchCifarResNet, 32)}
-
-# ----------------------------------------------------------------- timing
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict, dict]:
-    """Median ms of each fn, and the median per-round ratio of each fn to the first one."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    first = times[next(iter(fns))]
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    ratios = {name: statistics.median(a / b for a, b in zip(t, first)) for name, t in times.items()}
-    return medians, ratios
-
-
-def compiled(fn: Callable, *args, options: dict | None = None) -> tuple[Callable[[], object], float]:
-    """jit(fn) compiled for args (with XLA compiler options); returns (run, compile seconds)."""
-    start = time.perf_counter()
-    executable = jax.jit(fn).lower(*args).compile(compiler_options=options or {})
-    seconds = time.perf_counter() - start
-    return (lambda: jax.block_until_ready(executable(*args))), seconds
+# ----------------------------------------------------------------- tables
 
 
 class Table:
@@ -156,31 +81,17 @@ def pair_row(table: Table, label: str, jax_run, torch_run, repeats: int, compile
 # ----------------------------------------------------------------- steps
 
 
-def jax_step(name, x, *, train=True, kernel_grads=True, forward_only=False, dtype=jnp.float32, options=None,
-             fusion_barrier=True, flax_batch_norm=False):
-    """Jitted value_and_grad of sum(features) w.r.t. the parameters (kernels optional);
+def jax_step(name, x, *, dtype=jnp.float32, options=None, fusion_barrier=True, flax_batch_norm=False, **grad_options):
+    """`steps.backbone_step` compiled with XLA `options`: (run, compile seconds);
     fusion_barrier=False traces the ResNet blocks without their CPU fusion barrier,
     flax_batch_norm=True with flax.linen.BatchNorm instead of rr_jax.batch_norm's."""
-    model = create_backbone(name, dtype=dtype)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:2])
-
-    def loss(params, batch_stats, x):
-        if not kernel_grads:
-            params = jax.tree_util.tree_map_with_path(
-                lambda path, p: lax.stop_gradient(p) if path[-1].key == "kernel" else p, params
-            )
-        features, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=train, mutable=["batch_stats"]
-        )
-        return features.sum(), updates
-
-    fn = loss if forward_only else jax.value_and_grad(loss, has_aux=True)
+    fn, args = backbone_step(create_backbone(name, dtype=dtype), x, **grad_options)
     with contextlib.ExitStack() as patches:
         if not fusion_barrier:
             patches.enter_context(mock.patch.object(backbones, "_materialized", lambda x: x))
         if flax_batch_norm:
             patches.enter_context(mock.patch.object(backbones, "BatchNorm", nn.BatchNorm))
-        return compiled(fn, variables["params"], variables["batch_stats"], x, options=options)
+        return compiled(fn, *args, options=options)
 
 
 def torch_step(name, x, *, train=True, kernel_grads=True, forward_only=False, bf16=False, channels_last=False):
@@ -202,7 +113,8 @@ def torch_step(name, x, *, train=True, kernel_grads=True, forward_only=False, bf
 
 
 def images(n: int, seed: int = 0) -> tuple[jax.Array, torch.Tensor]:
-    x = np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
+    """n random CIFAR-sized images, NHWC for JAX and NCHW for PyTorch."""
+    x = np.random.default_rng(seed).normal(size=(n, *CIFAR10.image_shape)).astype(np.float32)
     return jnp.asarray(x), torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
@@ -254,28 +166,46 @@ def breakdown(views: int, repeats: int) -> None:
         pair_row(table, label, run, torch_step("resnet32", xt, **torch_options), repeats, compile_s)
 
 
+# (image size, input channels, output channels, kernel size, stride) of the single convolutions
+CONV_CASES = ((32, 16, 16, 3, 1), (8, 64, 64, 3, 1), (32, 16, 32, 3, 2), (32, 16, 32, 1, 2))
+
+
+def conv_operands(rng: np.random.Generator, views: int, size: int, cin: int, cout: int, k: int,
+                  s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random float32 input x[views, size, size, cin], kernel w[k, k, cin, cout] and output
+    gradient g[views, size / s, size / s, cout] of a convolution."""
+    shapes = ((views, size, size, cin), (k, k, cin, cout), (views, size // s, size // s, cout))
+    return tuple(rng.normal(size=shape).astype(np.float32) for shape in shapes)
+
+
+def conv(x: jax.Array, w: jax.Array, s: int) -> jax.Array:
+    """NHWC convolution of x with the kernel w[k, k, Cin, Cout], stride s, padding k // 2."""
+    p = w.shape[0] // 2
+    return lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_kernel_grad(x: jax.Array, w: jax.Array, g: jax.Array, s: int) -> jax.Array:
+    """XLA's gradient of `conv` with respect to the kernel, for the output gradient g."""
+    return jax.vjp(lambda w: conv(x, w, s), w)[1](g)[0]
+
+
 def conv_ops(views: int, repeats: int) -> None:
     table = Table(f"Single ops, batch {views} (NHWC in JAX, NCHW in PyTorch)", COLUMNS)
     rng = np.random.default_rng(1)
-    for size, cin, cout, k, s in ((32, 16, 16, 3, 1), (8, 64, 64, 3, 1), (32, 16, 32, 3, 2), (32, 16, 32, 1, 2)):
+    for size, cin, cout, k, s in CONV_CASES:
         p = k // 2
-        x = rng.normal(size=(views, size, size, cin)).astype(np.float32)
-        w = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
-        g = rng.normal(size=(views, size // s, size // s, cout)).astype(np.float32)
+        x, w, g = conv_operands(rng, views, size, cin, cout, k, s)
         layouts = ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (g, (0, 3, 1, 2)))
         xt, wt, gt = (torch.from_numpy(np.ascontiguousarray(a.transpose(*t))) for a, t in layouts)
-
-        def conv(x, w):
-            return lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
         def torch_grad(mask):
             return lambda: torch.ops.aten.convolution_backward(gt, xt, wt, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
 
         label = f"conv {k}x{k}/{s} {cin}->{cout} on {size}x{size}"
         jax_cases = [
-            ("forward", conv, lambda: F.conv2d(xt, wt, stride=s, padding=p)),
-            ("input gradient", lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0], torch_grad([True, False, False])),
-            ("kernel gradient", lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0], torch_grad([False, True, False])),
+            ("forward", functools.partial(conv, s=s), lambda: F.conv2d(xt, wt, stride=s, padding=p)),
+            ("input gradient", lambda x, w, g: jax.vjp(lambda x: conv(x, w, s), x)[1](g)[0], torch_grad([True, False, False])),
+            ("kernel gradient", functools.partial(conv_kernel_grad, s=s), torch_grad([False, True, False])),
         ]
         for what, fn, torch_run in jax_cases:
             args = (x, w) if what == "forward" else (x, w, g)
@@ -320,10 +250,9 @@ def kernel_gradient_rewrites(views: int, repeats: int) -> None:
     columns = ("conv", "XLA conv ms", "XLA conv, YNNPACK off ms", "per-tap dots ms", "im2col dot ms")
     table = Table(f"Kernel gradient rewrites, batch {views}", columns)
     rng = np.random.default_rng(3)
-    for size, cin, cout, k, s in ((32, 16, 16, 3, 1), (8, 64, 64, 3, 1), (32, 16, 32, 3, 2), (32, 16, 32, 1, 2)):
+    for size, cin, cout, k, s in CONV_CASES:
         p = k // 2
-        x, w, g = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
-                   ((views, size, size, cin), (k, k, cin, cout), (views, size // s, size // s, cout)))
+        x, w, g = map(jnp.asarray, conv_operands(rng, views, size, cin, cout, k, s))
 
         def taps(x, g):
             padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
@@ -331,9 +260,7 @@ def kernel_gradient_rewrites(views: int, repeats: int) -> None:
             return [lax.slice(padded, (0, i, j, 0), (views, limit(i, g.shape[1]), limit(j, g.shape[2]), cin), (1, s, s, 1))
                     for i in range(k) for j in range(k)]
 
-        def xla(x, w, g):
-            conv = lambda w: lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
-            return jax.vjp(conv, w)[1](g)[0]
+        xla = functools.partial(conv_kernel_grad, s=s)
 
         def per_tap(x, w, g):
             flat = g.reshape(-1, cout)
@@ -376,9 +303,7 @@ def profile(views: int, trace_dir: str) -> None:
     run, _ = jax_step("resnet32", xj, options=NO_YNN)
     run()
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    start = time.perf_counter()
-    run()
-    step_ms = 1e3 * (time.perf_counter() - start)
+    step_ms = wall_ms(run)
     jax.profiler.stop_trace()
     trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
     with gzip.open(trace) as f:
@@ -399,18 +324,17 @@ def augmentation(views: int, repeats: int, conv4_ms: dict[bool, float]) -> None:
     """augment_views on the model table's views, with XLA's defaults and with YNNPACK
     fusions off, each against Conv4's forward + backward under the same flags
     (``conv4_ms[ynn_off]``)."""
-    batch = 64
-    num_views = views // batch
-    images_u8 = jnp.asarray(np.random.default_rng(2).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
-    config = AugmentConfig(mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262))
+    num_views = views // BATCH
+    images_u8 = jnp.asarray(np.random.default_rng(2).integers(0, 256, (BATCH, *CIFAR10.image_shape), dtype=np.uint8))
+    config = augment_config("cifar10")
     columns = ("XLA flags", "JAX ms", "share of Conv4 fwd+bwd", "JAX compile s")
-    table = Table(f"augment_views, {num_views} views of {batch} images", columns)
+    table = Table(f"augment_views, {num_views} views of {BATCH} images", columns)
     for ynn_off, flags in ((False, "defaults"), (True, "YNNPACK fusions off (launch.py)")):
         run, compile_s = compiled(
             lambda key: augment_views(key, images_u8, num_views, config), jax.random.key(0),
             options=NO_YNN if ynn_off else None,
         )
-        ms = interleaved({"augment": run}, repeats)[0]["augment"]
+        ms = median_ms(run, repeats)
         table.row(flags, ms, f"{100 * ms / conv4_ms[ynn_off]:.0f} % (goal <= 25 %)", f"{compile_s:.1f}")
 
 

@@ -31,14 +31,14 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from bench_backbones import compiled, interleaved  # noqa: E402
+from steps import BATCH  # noqa: E402
+from timing import compiled, interleaved  # noqa: E402
 
 from rr_jax.batch_norm import batch_norm_train  # noqa: E402
-from rr_jax.relational import pair_indices  # noqa: E402
+from rr_jax.relational import BN_EPSILON, RelationHead, pair_indices, pair_loss  # noqa: E402
 from rr_jax.xla_flags import CPU_DEFAULTS  # noqa: E402
 
-BATCH, HIDDEN = 64, 256
+HIDDEN, SLOPE = RelationHead.hidden_dim, RelationHead.negative_slope  # the head's defaults: 256, 0.01
 
 
 def gather_variants(views: int) -> dict:
@@ -81,17 +81,15 @@ def tail_variants(views: int) -> dict:
     scale, bias = jnp.ones(HIDDEN), jnp.zeros(HIDDEN)
     targets = (jnp.arange(rows) < rows // 2).astype(jnp.float32)
 
-    def loss(logits):
-        return optax.sigmoid_focal_loss(logits, targets, alpha=0.5, gamma=2.0).mean()
-
     def rows_major(hidden, kernel, scale, bias):
-        return loss(jax.nn.leaky_relu(batch_norm_train(hidden, scale, bias, 1e-5, None)[0], 0.01) @ kernel)
+        normed = batch_norm_train(hidden, scale, bias, BN_EPSILON, None)[0]
+        return pair_loss(jax.nn.leaky_relu(normed, SLOPE) @ kernel, targets)
 
     def channels_major(hidden_t, kernel, scale, bias):
         mean = hidden_t.mean(1, keepdims=True)
         var = jnp.mean(jnp.square(hidden_t), 1, keepdims=True) - jnp.square(mean)
-        normed = (hidden_t - mean) * jax.lax.rsqrt(var + 1e-5) * scale[:, None] + bias[:, None]
-        return loss(kernel @ jax.nn.leaky_relu(normed, 0.01))
+        normed = (hidden_t - mean) * jax.lax.rsqrt(var + BN_EPSILON) * scale[:, None] + bias[:, None]
+        return pair_loss(kernel @ jax.nn.leaky_relu(normed, SLOPE), targets)
 
     def bfloat16(hidden, kernel, scale, bias):
         return rows_major(hidden.astype(jnp.bfloat16), kernel, scale, bias)

@@ -2,47 +2,32 @@
 
     XLA_FLAGS= python bench/bench_host_memory.py [--cases conv4:32,resnet32:16] [--rounds 4] [--steps 7]
 
-XLA:CPU allocates each execution's temporary buffers with malloc (about 0.5 GB for the
-conv4 step at K=32) and frees them at its end. glibc serves chunks above its mmap
-threshold (32 MiB at most) with a fresh mmap() and unmaps them on free, and XLA's worker
-threads get arenas whose heaps (64 MiB) cannot hold such a chunk either, so every step
-touches ~125 000 fresh pages. `keep_freed_memory` sets three mallopt() parameters so that
-freed memory is reused instead: one arena for every thread, no mmap() for large chunks,
-no trimming of the heap's free top.
-
-The settings are process-wide and must be made before the JAX backend starts its
-threads, so each measurement is a fresh child process of this script: one with glibc's
-defaults, one with `keep_freed_memory()`, alternating round by round. Each child
-builds the pmapped step as bench_pipeline.py does (M = 64, launch.py's XLA:CPU flags),
-runs two warm-up steps, then times `--steps` steps and reports their median, the median
-minor page faults and kernel CPU time per step (getrusage) and its peak RSS. The
-speed-up is the median of the per-round ratios (default / keep).
+XLA:CPU mallocs and frees each step's temporary buffers; with glibc's defaults every step
+touches fresh pages (bench/malloc.py says why), `malloc.keep_freed_memory` makes it
+reuse freed memory. The settings are process-wide and must be made before the JAX
+backend starts its threads, so each measurement is a fresh child process of this
+script: one with glibc's defaults, one with `keep_freed_memory()`, alternating round by
+round. Each child builds the pmapped step (`steps.whole_step`: M = 64, launch.py's
+XLA:CPU flags), runs two warm-up steps, then times `--steps` steps and reports their
+median, the median minor page faults and kernel CPU time per step (getrusage) and its
+peak RSS. The speed-up is the median of the per-round ratios (default / keep).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
+from malloc import keep_freed_memory  # noqa: E402
+
 SETTINGS = ("default", "keep")
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt() parameters, glibc's <malloc.h>
-
-
-def keep_freed_memory() -> None:
-    """glibc's malloc keeps and reuses freed memory (see the module docstring)."""
-    libc = ctypes.CDLL("libc.so.6")
-    for parameter, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)):  # -1: never trim
-        if libc.mallopt(parameter, value) != 1:
-            raise SystemExit(f"mallopt({parameter}, {value}) failed")
 
 
 def child(backbone: str, views: int, setting: str, steps: int) -> dict:
@@ -50,23 +35,23 @@ def child(backbone: str, views: int, setting: str, steps: int) -> dict:
     if setting == "keep":
         keep_freed_memory()
     import jax
-    from bench_pipeline import whole_step
+    from steps import whole_step
+    from timing import compile_fn, times_ms
 
     from rr_jax.xla_flags import CPU_DEFAULTS
 
     step, args = whole_step(backbone, views)
-    compiled = step.lower(*args).compile(CPU_DEFAULTS)
-    for _ in range(2):
-        jax.block_until_ready(compiled(*args))
-    times, faults, system = [], [], []
-    for _ in range(steps):
+    executable, _ = compile_fn(step, *args, options=CPU_DEFAULTS)
+    usage = []  # (minor page faults, kernel CPU ms) of each call
+
+    def run():
         before = resource.getrusage(resource.RUSAGE_SELF)
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(1e3 * (time.perf_counter() - start))
+        jax.block_until_ready(executable(*args))
         after = resource.getrusage(resource.RUSAGE_SELF)
-        faults.append(after.ru_minflt - before.ru_minflt)
-        system.append(1e3 * (after.ru_stime - before.ru_stime))
+        usage.append((after.ru_minflt - before.ru_minflt, 1e3 * (after.ru_stime - before.ru_stime)))
+
+    times = times_ms(run, steps, warmup=2)
+    faults, system = zip(*usage[2:])
     return {"ms": statistics.median(times), "faults": statistics.median(faults), "sys_ms": statistics.median(system),
             "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -30,12 +30,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's rr_jax
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import numpy as np  # noqa: E402
+from timing import times_ms  # noqa: E402
 
-BATCH = 64
+BATCH = 64  # M, as steps.BATCH; not imported from there: a measuring process imports only what it measures
 SIDE = 64
 CLASSES = 200
 
@@ -84,14 +84,12 @@ def _spec(tree: str):
 
 def _timed_windows(batches, steps: int, repeats: int) -> float:
     """Median images/s over `repeats` windows of `steps` batches, after one warm-up window."""
-    rates = []
-    for window in range(repeats + 1):
-        start = time.perf_counter()
+
+    def window():
         for _ in range(steps):
             next(batches)
-        if window:
-            rates.append(steps * BATCH / (time.perf_counter() - start))
-    return statistics.median(rates)
+
+    return statistics.median(steps * BATCH / ms * 1e3 for ms in times_ms(window, repeats))
 
 
 def measure(mode: str, tree: str, cache: str, threads: int, steps: int, repeats: int) -> dict:
@@ -117,13 +115,13 @@ def measure(mode: str, tree: str, cache: str, threads: int, steps: int, repeats:
 
 def train_step_images_per_s(repeats: int) -> tuple[float, float]:
     """(median step ms, images/s) of the pretraining step, conv4, K=32, M=64, 64x64."""
-    from bench_pipeline import whole_step
+    from steps import whole_step
     from timing import compile_and_time
 
     from rr_jax.xla_flags import CPU_DEFAULTS
 
     step, inputs = whole_step("conv4", 32, dataset="image_folder", batch=BATCH)
-    _, step_ms, _ = compile_and_time(step, *inputs, repeats=repeats, compiler_options=CPU_DEFAULTS)
+    _, step_ms, _ = compile_and_time(step, *inputs, repeats=repeats, options=CPU_DEFAULTS)
     return step_ms, BATCH / step_ms * 1e3
 
 

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT]
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import interleaved, median_ms  # noqa: E402
 
 from configs import study_fashion_mnist  # noqa: E402
 from rr_jax import data, online_probe, train  # noqa: E402
@@ -63,30 +61,18 @@ def main():
     batch = {"image": rng.integers(0, 256, (devices, local, *spec.image_shape), np.uint8),
              "label": rng.integers(0, spec.num_classes, (devices, local), np.int32)}
     states = {"off": train.replicate(state), "on": train.replicate(state.replace(online_probe=probe))}
-    for replicated in states.values():
-        jax.block_until_ready(step(replicated, batch))  # compile
-    times = {name: [] for name in states}
-    for _ in range(args.repeats):
-        for name, replicated in states.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step(replicated, batch))
-            times[name].append(1e3 * (time.perf_counter() - start))
-    step_ms = {name: statistics.median(t) for name, t in times.items()}
+    runs = {name: (lambda s=replicated: jax.block_until_ready(step(s, batch))) for name, replicated in states.items()}
+    step_ms, _ = interleaved(runs, args.repeats)  # the warm-up round compiles
 
     monitors = Monitors(config, spec, train.make_backbone(config, axis_name=None))
-    monitors(args.every, variables, probe)  # compile
-    monitor_ms = []
-    for _ in range(max(3, args.repeats // 10)):
-        start = time.perf_counter()
-        monitors(args.every, variables, probe)
-        monitor_ms.append(1e3 * (time.perf_counter() - start))
-    evaluation_ms = statistics.median(monitor_ms)
+    evaluations = max(3, args.repeats // 10)
+    evaluation_ms = median_ms(lambda: monitors(args.every, variables, probe), evaluations)  # the warm-up compiles
 
     off = step_ms["off"]
     on = step_ms["on"] + evaluation_ms / args.every
     print(f"jax {jax.__version__}, {devices} x {jax.devices()[0].device_kind}; study config: conv4, "
           f"M={config.batch_size}, K={config.relational.num_views}; medians of {args.repeats} steps "
-          f"(alternating) and {len(monitor_ms)} monitor evaluations\n")
+          f"(alternating) and {evaluations} monitor evaluations\n")
     print("| | ms per step | vs off |")
     print("|---|---|---|")
     print(f"| monitors off | {off:.1f} | - |")

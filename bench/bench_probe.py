@@ -16,20 +16,24 @@ extrapolated from the epochs timed. A Markdown table is printed.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-from rr_jax import linear_probe
-from rr_jax.augment import normalize_images
-from rr_jax.backbones import create_backbone
-from rr_jax.data import get_dataset_spec
-from rr_jax.features import extract_features
-from rr_jax.online_probe import LinearHead
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from timing import median_ms, wall_ms  # noqa: E402
+
+from rr_jax import linear_probe  # noqa: E402
+from rr_jax.augment import normalize_images  # noqa: E402
+from rr_jax.backbones import create_backbone  # noqa: E402
+from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.features import extract_features  # noqa: E402
+from rr_jax.online_probe import LinearHead  # noqa: E402
 
 PROTOCOL_EPOCHS = 100
 
@@ -66,10 +70,10 @@ def main() -> None:
     start = time.perf_counter()
     features = extract_features(backbone, variables, images, **stats)
     feature_s = time.perf_counter() - start
+
     def train_seconds(epochs):
-        start = time.perf_counter()
-        linear_probe.train_linear_classifier(jax.random.key(1), features, labels, spec.num_classes, epochs=epochs)
-        return time.perf_counter() - start
+        return wall_ms(lambda: linear_probe.train_linear_classifier(
+            jax.random.key(1), features, labels, spec.num_classes, epochs=epochs)) / 1e3
 
     train_seconds(1)  # compile
     # Per epoch: the difference of a run with 1 + E epochs and one with 1 (the set-up
@@ -95,17 +99,18 @@ def main() -> None:
 
     carry = (params, optimizer.init(params))
     reference_epoch(step, carry, images[: 2 * batch_size - 1], labels, batch_size, 0)  # compile both shapes
-    reference = []
-    for epoch in range(args.reference_epochs):
-        start = time.perf_counter()
-        carry = reference_epoch(step, carry, images, labels, batch_size, epoch)
-        reference.append(time.perf_counter() - start)
-    reference_s = statistics.median(reference)
+    epochs = iter(range(args.reference_epochs))
+
+    def next_epoch():
+        nonlocal carry
+        carry = reference_epoch(step, carry, images, labels, batch_size, next(epochs))
+
+    reference_s = median_ms(next_epoch, args.reference_epochs, warmup=0) / 1e3
 
     cached_total = feature_s + PROTOCOL_EPOCHS * cached_s
     reference_total = PROTOCOL_EPOCHS * reference_s
     print(f"device: {jax.devices()[0].device_kind} x{jax.local_device_count()}, "
-          f"conv4, {args.num_examples} images 32x32x3, batch {batch_size}; "
+          f"conv4, {args.num_examples} images {'x'.join(map(str, spec.image_shape))}, batch {batch_size}; "
           f"{args.epochs} cached and {args.reference_epochs} reference epoch(s) timed\n")
     print(f"| protocol | feature pass s | s / epoch | {PROTOCOL_EPOCHS} epochs s (extrapolated) | speed-up |")
     print("|---|---|---|---|---|")

@@ -18,44 +18,11 @@ import sys
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402
+from steps import BATCH, backbone_step, head_grad  # noqa: E402
 from timing import compile_and_time, temp_mib  # noqa: E402
 
 import rr_jax  # noqa: E402
-
-BATCH = 64
-
-
-def head_step(factored: bool):
-    @jax.jit
-    def step(z, variables, key):
-        def loss_fn(z, params):
-            loss, _, stats = rr_jax.relational_loss(
-                z, {"params": params, "batch_stats": variables["batch_stats"]}, key, factored=factored
-            )
-            return loss, stats
-
-        return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(z, variables["params"])
-
-    return step
-
-
-def conv4_step(views):
-    from rr_jax.backbones import create_backbone
-
-    model = create_backbone("conv4")
-    variables = model.init(jax.random.key(0), views[:2], train=False)
-
-    @jax.jit
-    def step(params, batch_stats, x):
-        def loss_fn(params):
-            features, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-            )
-            return features.sum(), updates
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-    return step, (variables["params"], variables["batch_stats"], views)
+from rr_jax.data import get_dataset_spec  # noqa: E402
 
 
 def main():
@@ -73,8 +40,8 @@ def main():
         for views in map(int, args.views.split(",")):
             z = jax.random.normal(jax.random.key(1), (views, BATCH, dim))
             inputs = (z, variables, jax.random.key(2))
-            _, naive_ms, naive = compile_and_time(head_step(False), *inputs, repeats=args.repeats)
-            _, fact_ms, fact = compile_and_time(head_step(True), *inputs, repeats=args.repeats)
+            _, naive_ms, naive = compile_and_time(head_grad(factored=False), *inputs, repeats=args.repeats)
+            _, fact_ms, fact = compile_and_time(head_grad(factored=True), *inputs, repeats=args.repeats)
             pairs = views * (views - 1) * BATCH
             print(
                 f"| {views} | {dim} | {pairs} | {naive_ms:.1f} | {fact_ms:.1f} | {naive_ms / fact_ms:.2f}x"
@@ -84,8 +51,8 @@ def main():
             if (views, dim) == (32, 64):
                 head_ms = fact_ms
     if head_ms is not None:
-        images = jax.random.uniform(jax.random.key(3), (32 * BATCH, 32, 32, 3))
-        step, inputs = conv4_step(images)
+        images = jax.random.uniform(jax.random.key(3), (32 * BATCH, *get_dataset_spec("cifar10").image_shape))
+        step, inputs = backbone_step(rr_jax.create_backbone("conv4"), images)
         compile_s, conv_ms, _ = compile_and_time(step, *inputs, repeats=args.repeats)
         print(
             f"\nK=32, M=64, D=64: factored head loss+grad {head_ms:.1f} ms, Conv4 forward+backward on "

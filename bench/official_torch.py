@@ -10,18 +10,23 @@ LeakyReLU -> Linear(256, 1), its focal loss (gamma 2, alpha 0.5) and Adam 1e-3. 
 module reproduces that step in our own code. torchvision is not needed: the PIL
 augmentations are written here the way torchvision applies them to PIL images (same
 sampling of crop boxes and jitter factors, PIL's resize and enhancers, hue through
-HSV), so the loader does the same work per view.
+HSV), so the loader does the same work per view. The backbones are PyTorch mirrors of
+rr_jax.backbones' Conv4 and ResNet-32 (same layers, NCHW), in `TORCH_MODELS`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+torch.set_num_threads(os.cpu_count())  # XLA:CPU also uses every core
 
 
 def _crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -150,3 +155,64 @@ def official_step(backbone: torch.nn.Module, feature_size: int, images: np.ndarr
         return loss.item()
 
     return step
+
+
+# ------------------------------------------------- backbones mirroring rr_jax.backbones
+
+
+class TorchConv4(torch.nn.Module):
+    """rr_jax.backbones.Conv4: [N, 3, H, W] -> [N, 64]."""
+
+    def __init__(self):
+        super().__init__()
+        layers, cin = [], 3
+        for i, c in enumerate((8, 16, 32, 64)):
+            if i:
+                layers.append(torch.nn.AvgPool2d(2))
+            layers += [torch.nn.Conv2d(cin, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU()]
+            cin = c
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).mean((2, 3))
+
+
+class TorchBasicBlock(torch.nn.Module):
+    """rr_jax.backbones.BasicBlock: two 3x3 convolutions and a projection shortcut where the shape changes."""
+
+    def __init__(self, cin, c, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, c, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c)
+        self.downsample = None
+        if stride != 1 or cin != c:
+            self.downsample = torch.nn.Sequential(
+                torch.nn.Conv2d(cin, c, 1, stride, bias=False), torch.nn.BatchNorm2d(c)
+            )
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchCifarResNet(torch.nn.Module):
+    """rr_jax's CIFAR ResNet of `depth` layers (16, 32, 64 channels): [N, 3, H, W] -> [N, 64]."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for stage, c in enumerate((16, 32, 64)):
+            for b in range((depth - 2) // 6):
+                blocks.append(TorchBasicBlock(cin, c, 2 if stage and not b else 1))
+                cin = c
+        self.blocks = torch.nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(torch.relu(self.bn1(self.conv1(x)))).mean((2, 3))
+
+
+TORCH_MODELS = {"conv4": TorchConv4, "resnet32": functools.partial(TorchCifarResNet, 32)}

@@ -4,7 +4,7 @@
                              [--dtypes float32,bfloat16]
 
 For each case (backbone:K:dataset, M = 64) and dtype, the pmapped step of
-`bench_pipeline.whole_step` (augmentation + backbone + relation head + Adam, one device)
+`steps.whole_step` (augmentation + backbone + relation head + Adam, one device)
 is compiled by XLA here (CPU, with `launch.py`'s flags) and its cost analysis read:
 FLOPs, bytes accessed and the peak temporary memory. A step cannot run faster than
 max(FLOPs / peak FLOP/s, bytes / peak bandwidth) on a chip, which gives a lower bound on
@@ -25,7 +25,7 @@ import sys
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402
-from bench_pipeline import BATCH, whole_step  # noqa: E402
+from steps import BATCH, whole_step  # noqa: E402
 
 from rr_jax.data import get_dataset_spec  # noqa: E402
 from rr_jax.xla_flags import CPU_DEFAULTS  # noqa: E402
