@@ -8,8 +8,10 @@ Multi-host (TPU pods, GPU clusters): add --distributed (or give --coordinator_ad
 --num_processes and --process_id) on every host.
 
 Exit codes: 0 done; 2 a problem with the config, workdir, dataset or resume (one
-message; add --verbosity=1 for the traceback); 143 preempted by SIGTERM after saving
-the checkpoint (re-run to resume).
+message; add --verbosity=1 for the traceback); 74 a checkpoint could not be written
+(disk full, permissions, quota: one message; fix the cause and re-run to resume); 130
+interrupted by Ctrl-C and 143 preempted by SIGTERM, after saving the checkpoint of the
+step reached (re-run to resume).
 """
 
 import importlib.util
@@ -19,7 +21,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rr_jax.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, exit_cleanly_on_user_errors
+from rr_jax.errors import (
+    EXIT_CHECKPOINT_WRITE,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    CheckpointWriteError,
+    Preempted,
+    exit_cleanly_on_user_errors,
+)
 from rr_jax.run_dir import LOG_FILE, quiet_native_logs, third_party_logs_to_file, unknown_key_message
 from rr_jax.xla_flags import with_cpu_defaults
 
@@ -68,15 +77,29 @@ def main(argv):
     from rr_jax import linear_probe, train
 
     config = FLAGS.config
+    checkpoints = os.path.join(os.path.abspath(FLAGS.workdir), "checkpoints")
     try:
         train.pretrain(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-    except Preempted as stop:
+    except Preempted as stop:  # the step reached is saved
         logging.warning("%s", stop)
-        sys.exit(EXIT_PREEMPTED)
-    logging.info("Pretraining finished; checkpoints are in %s/checkpoints.", FLAGS.workdir)
+        sys.exit(stop.exit_code)
+    except CheckpointWriteError as error:  # disk full, permissions, quota: one message, no traceback
+        if logging.get_verbosity() >= 1:
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_WRITE)
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C while the last checkpoint was written
+        logging.warning("Interrupted; the checkpoints are those in %s. Re-run the same command to resume.", checkpoints)
+        sys.exit(EXIT_INTERRUPTED)
+    logging.info("Pretraining finished; checkpoints are in %s.", checkpoints)
     if config.probe.enabled:
-        with third_party_logs_to_file(os.path.join(FLAGS.workdir, LOG_FILE)):
-            results = linear_probe.run_probe(FLAGS.workdir, epochs=config.probe.epochs, data_dir=config.data_dir)
+        try:
+            with third_party_logs_to_file(os.path.join(FLAGS.workdir, LOG_FILE)):
+                results = linear_probe.run_probe(FLAGS.workdir, epochs=config.probe.epochs, data_dir=config.data_dir)
+        except KeyboardInterrupt:
+            logging.warning("Interrupted during the linear probe; pretraining is complete (checkpoints in %s). "
+                            "Re-run the same command to run the probe.", checkpoints)
+            sys.exit(EXIT_INTERRUPTED)
         logging.info("Linear probe on %s: top-1 %.2f%%, top-5 %.2f%%.",
                      results["dataset"], 100 * results["top1"], 100 * results["top5"])
 

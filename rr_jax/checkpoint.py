@@ -11,6 +11,10 @@ them). Orbax writes each step into a temporary directory and renames it when com
 so a step cut short by a kill is never listed. Step 0 is never rotated away: it holds
 imported weights (or method 'random''s untrained ones), which no later step replaces.
 A step damaged after it was written can be moved aside (`set_aside`) for inspection.
+A write that fails for a reason of the operating system (disk full, permissions, quota)
+raises `CheckpointWriteError` naming the step and the error, once, after the failed
+step's temporary directory is removed; writes are asynchronous, so the failure of a step
+surfaces at the next `save`, `wait` or `close`.
 When a restore fails part-way, Orbax's outstanding reads finish after its event loop has
 closed; each then reports a harmless "Event loop is closed" to `sys.unraisablehook`,
 which would print a traceback per read. A Checkpointer (and `restore_probe`) installs a
@@ -19,16 +23,21 @@ hook that drops exactly those (`_drop_reads_of_failed_restores`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from rr_jax.errors import CheckpointWriteError
 
 ITEMS = ("state", "backbone", "head", "config")
 DAMAGED_DIR = "checkpoints_damaged"
@@ -69,6 +78,28 @@ def _drop_reads_of_failed_restores() -> None:
     sys.unraisablehook = hook
 
 
+# How TensorStore (Orbax's array writer) reports the operating system's error of a write.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def os_error(error: BaseException) -> str | None:
+    """The operating system's error behind `error` (itself, a cause, or a member of a
+    group), as 'No space left on device (errno 28)'; None when there is none."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        if code is None and (match := _OS_ERROR_CODE.search(str(current))):
+            code = int(match.group(1))
+        if code:
+            return f"{os.strerror(code)} (errno {code})"
+        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+    return None
+
+
 class Checkpointer:
     """Saves and restores the checkpoints of one workdir.
 
@@ -85,6 +116,8 @@ class Checkpointer:
             policy = checkpoint_managers.AnyPreservationPolicy(
                 [checkpoint_managers.LatestN(max_to_keep), checkpoint_managers.CustomSteps([0])]
             )
+        self._writing = None  # the step whose asynchronous write may still be running
+        self._failed = False
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
         handlers = {item: ocp.StandardCheckpointHandler() for item in ITEMS if item != "config"}
         self._manager = ocp.CheckpointManager(
@@ -122,15 +155,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, backbone: Any, config: dict) -> None:
         """Writes step `step` (one replica's host copy of `state` and `backbone`)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_host(state)),
-                backbone=ocp.args.StandardSave(_to_host(backbone)),
-                config=ocp.args.JsonSave(config),
-            ),
-            force=True,
-        )
+        self._write(step, ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_host(state)),
+            backbone=ocp.args.StandardSave(_to_host(backbone)),
+            config=ocp.args.JsonSave(config),
+        ))
 
     def save_weights(
         self, step: int, backbone: Any, config: dict, head: Any | None = None
@@ -143,7 +172,32 @@ class Checkpointer:
         }
         if head is not None:
             items["head"] = ocp.args.StandardSave(_to_host(head))
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._write(step, ocp.args.Composite(**items))
+
+    def _write(self, step: int, args: ocp.args.Composite) -> None:
+        self.wait()  # the previous step's write, finished or failed
+        with self._write_errors(step):
+            self._manager.save(step, args=args, force=True)
+        self._writing = step
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None) -> Iterator[None]:
+        """Turns a failed write of `step` with an operating system's error into one
+        CheckpointWriteError, after removing the temporary directories of unfinished steps
+        (this process holds the workdir: no other writes there)."""
+        try:
+            yield
+        except Exception as error:
+            reason = os_error(error)
+            if reason is None or step is None:
+                raise
+            self._failed = True
+            for name in os.listdir(self._manager.directory):
+                path = os.path.join(self._manager.directory, name)
+                if ocp.utils.is_tmp_checkpoint(path):
+                    shutil.rmtree(path, ignore_errors=True)
+            self._manager.reload()
+            raise CheckpointWriteError(str(self._manager.directory), step, reason, self.latest_step()) from error
 
     def restore_state(self, step: int, target: Any) -> Any:
         """The train state of `step`, as NumPy arrays shaped like `target`.
@@ -213,11 +267,21 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        """Blocks until asynchronous writes are finished."""
-        self._manager.wait_until_finished()
+        """Blocks until asynchronous writes are finished; CheckpointWriteError if one failed."""
+        with self._write_errors(self._writing):
+            self._manager.wait_until_finished()
+        self._writing = None
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for the last write and releases Orbax's threads; after a reported
+        CheckpointWriteError, the same failure is not raised again."""
+        reported = self._failed
+        try:
+            with self._write_errors(self._writing):
+                self._manager.close()
+        except CheckpointWriteError:
+            if not reported:
+                raise
 
 
 def _fields(tree: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ error of the run but a stop: the checkpoint is saved and re-running resumes.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 
@@ -15,7 +16,9 @@ from absl import logging
 
 # Exit codes of launch.py (README, "Resuming").
 EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 128 + 15  # the shell's code for a process ended by SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a process ended by Ctrl-C
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, the shell's code for a process ended by SIGTERM
+EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR of sysexits.h: a checkpoint could not be written
 
 
 class UserError(Exception):
@@ -47,13 +50,33 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 class Preempted(Exception):
-    """The run stopped on SIGTERM after saving the checkpoint of `step`."""
+    """The run stopped on SIGTERM (a preemption notice) or SIGINT (Ctrl-C) after saving
+    the checkpoint of `step`; `exit_code` is the shell's code for that signal."""
 
-    def __init__(self, step: int, total_steps: int, workdir: str):
-        self.step, self.total_steps, self.workdir = step, total_steps, workdir
+    def __init__(self, step: int, total_steps: int, workdir: str, signum: int = signal.SIGTERM):
+        self.step, self.total_steps, self.workdir, self.signum = step, total_steps, workdir, signum
+        interrupted = signum == signal.SIGINT
+        self.exit_code = EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
+        stopped = "Interrupted" if interrupted else "Preempted"
         super().__init__(
-            f"Preempted at step {step} of {total_steps}; the checkpoint of step {step} is "
+            f"{stopped} at step {step} of {total_steps}; the checkpoint of step {step} is "
             f"saved in {workdir}/checkpoints. Re-run the same command to resume."
+        )
+
+
+class CheckpointWriteError(Exception):
+    """The checkpoint of `step` could not be written to `directory` (`reason`: the
+    operating system's error, e.g. 'No space left on device (errno 28)'). Its incomplete
+    files are removed; `latest` is the newest step that remains (None: none)."""
+
+    def __init__(self, directory: str, step: int, reason: str, latest: int | None):
+        self.directory, self.step, self.reason, self.latest = directory, step, reason, latest
+        earlier = (f"the checkpoints of earlier steps are intact (the latest is step {latest})" if latest is not None
+                   else "there is no earlier checkpoint")
+        super().__init__(
+            f"Cannot write the checkpoint of step {step} in {directory}: {reason}. Its incomplete files were "
+            f"removed and {earlier}. Fix the cause (free space, permissions or quota) and re-run the same "
+            "command to resume."
         )
 
 

@@ -1,6 +1,8 @@
 """The one owner of a pretraining workdir, opened once and closed once by the loop.
 
-It creates the directory, takes its lock (so that two launches never train into one
+It creates the directory (or recognises one of its own: a non-empty directory that rr_jax
+did not make is refused, so that no file of another program is ever trimmed, replaced or
+moved), takes its lock (so that two launches never train into one
 workdir), writes config.json, trims metrics.jsonl back to the restored step, and keeps
 third-party log chatter (Orbax, TensorFlow) in WORKDIR/log.txt while the console shows
 rr_jax's own lines, warnings and errors. Checkpoints themselves belong to
@@ -15,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,6 +31,8 @@ LOCK_FILE = "lock"
 LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+# What `RunDirectory._take_lock` writes into the lock file: its holder.
+_LOCK_HOLDER = re.compile(r"process \d+ on \S+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 # Fields that may differ between a checkpoint's config and the config resuming it: how
 # long to train, how often to log, monitor and checkpoint, where the data lives and how
@@ -121,10 +126,45 @@ def unknown_key_message(override: str, config: Mapping[str, Any]) -> str | None:
     return f"unknown config key {bad!r}{hint}."
 
 
+def is_run_directory(workdir: str) -> bool:
+    """Whether `workdir` is a directory rr_jax made: it holds the lock file of a run
+    (written first by every run: empty, or naming its holder), or the checkpoints of
+    imported weights (`rr_jax.convert`: checkpoints/<step>/backbone)."""
+    lock = os.path.join(workdir, LOCK_FILE)
+    if os.path.isfile(lock):
+        with open(lock, errors="replace") as f:
+            text = f.read(200).strip()
+        if not text or _LOCK_HOLDER.fullmatch(text):
+            return True
+    checkpoints = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(checkpoints) and any(
+        name.isdigit() and os.path.isdir(os.path.join(checkpoints, name, "backbone")) for name in os.listdir(checkpoints)
+    )
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises UserError when `workdir` is a non-empty directory that rr_jax did not make
+    (`is_run_directory`), naming what it holds; absent or empty directories are fine."""
+    if not os.path.isdir(workdir) or not (entries := sorted(os.listdir(workdir))) or is_run_directory(workdir):
+        return
+    shown = [name + "/" * os.path.isdir(os.path.join(workdir, name)) for name in entries[:8]]
+    more = f" and {len(entries) - 8} more" if len(entries) > 8 else ""
+    raise UserError(
+        f"--workdir={workdir} is not empty and is not an rr_jax workdir: it holds {', '.join(shown)}{more}. "
+        f"A run writes {LOCK_FILE}, {LOG_FILE}, {CONFIG_FILE}, {METRICS_FILE}, tensorboard/ and checkpoints/ "
+        "there and trims or replaces files of those names, so it starts only in a new or empty directory. "
+        "Choose another --workdir (nothing in this one was changed)."
+    )
+
+
 class _ConsoleFilter(logging.Filter):
-    """Lets rr_jax's own records and any warning or error through to the console."""
+    """Lets rr_jax's own records and any warning or error through to the console, except
+    Orbax's records that carry a traceback: its threads log each failed write so, and the
+    same error reaches the loop, which reports it once (rr_jax.checkpoint)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
         return (
             record.levelno >= logging.WARNING
             or record.pathname.startswith(_PACKAGE_DIR)
@@ -132,11 +172,34 @@ class _ConsoleFilter(logging.Filter):
         )
 
 
+class _LogFile(logging.FileHandler):
+    """A FileHandler that stops writing at the first record it cannot write (a full disk)
+    instead of printing a traceback for every record that follows; the console still
+    shows rr_jax's lines, and the error that stops the run says what failed."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the lines still buffered cannot be written either
+            pass
+
+
 @contextlib.contextmanager
 def third_party_logs_to_file(log_path: str) -> Iterator[None]:
     """While open: every log record (INFO and up) also goes to `log_path`, and the
     console shows only rr_jax's own records and any warning or error."""
-    handler = logging.FileHandler(log_path)
+    handler = _LogFile(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s"))
     console_filter = _ConsoleFilter()
     logging.getLogger().addHandler(handler)
@@ -153,7 +216,8 @@ class RunDirectory:
     """A workdir held by one run: `with RunDirectory(workdir) as run: ...`.
 
     Args:
-      workdir: the run's directory, created if absent.
+      workdir: the run's directory, created if absent; an existing one must be empty or
+        rr_jax's own (`check_workdir`).
       primary: whether this process owns the shared files (process 0 of a multi-host
         run): only it locks, writes config.json and trims metrics. Every process keeps
         its own log file.
@@ -172,6 +236,8 @@ class RunDirectory:
         return os.path.join(self.workdir, self._log_name)
 
     def __enter__(self) -> RunDirectory:
+        if self.primary:
+            check_workdir(self.workdir)
         try:
             os.makedirs(self.workdir, exist_ok=True)
         except OSError as error:

@@ -245,21 +245,40 @@ def _all_finite(tree: Any) -> bool:
 
 
 class _Preemption:
-    """Remembers a SIGTERM (a TPU preemption notice) until the loop can save and stop."""
+    """Remembers a SIGTERM (a TPU preemption notice) or a SIGINT (Ctrl-C) until the loop
+    can save and stop (`signum`: the first that arrived, None before). After the first,
+    SIGINT has its default action again: a second Ctrl-C ends the process at once. A SIGINT
+    ignored when the loop starts (a background job, nohup) stays ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        for signum in self.SIGNALS:
+            if self._previous[signum] != signal.SIG_IGN:
+                signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            logging.warning("Interrupted (Ctrl-C): saving the checkpoint of the step reached and stopping; "
+                            "press Ctrl-C again to stop at once without saving.")
+        else:
+            logging.warning("SIGTERM received: saving a checkpoint and stopping.")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _restore(
@@ -329,7 +348,7 @@ def pretrain(
       WorkdirBusyError: another live run holds `workdir`.
       ResumeError: the checkpoint's config differs in fields not in RESUMABLE_FIELDS or
         `allow_config_change`.
-      Preempted: SIGTERM arrived; the checkpoint of the step reached is saved.
+      Preempted: SIGTERM or SIGINT arrived; the checkpoint of the step reached is saved.
     """
     validate_config(config, workdir)
     with RunDirectory(workdir, primary=jax.process_index() == 0, process_index=jax.process_index()) as run:
@@ -436,7 +455,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
         checkpointer.close()
         metrics_log.close()
     if preemption.requested:
-        raise Preempted(step, total_steps, workdir)
+        raise Preempted(step, total_steps, workdir, preemption.signum)
     return unreplicate(replicated)
 
 

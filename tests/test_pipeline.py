@@ -94,8 +94,9 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
     )
 
 
-@pytest.mark.parametrize("source", ["memory", "stream"])
-def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile, source):
+@pytest.mark.parametrize("source, signum", [("memory", signal.SIGTERM), ("stream", signal.SIGTERM),
+                                            ("memory", signal.SIGINT)])
+def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fast_compile, source, signum):
     if source == "memory":  # CIFAR-10 (mocked TFDS) held in memory
         dataset, context = "cifar10", mocked_tfds(tmp_path / "tfds", 64)
         extra = {"online_probe.every_steps": 2, "online_probe.num_test": 8}  # its state resumes too
@@ -115,14 +116,15 @@ def test_preempted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, fa
 
         def preempted_batches(*args, **kwargs):
             for step, batch in enumerate(real_batches(*args, **kwargs), start=kwargs["start_step"] + 1):
-                if step == 3:  # a preemption notice arrives while batch 3 is prefetched
-                    os.kill(os.getpid(), signal.SIGTERM)
+                if step == 3:  # a preemption notice (or Ctrl-C) arrives while batch 3 is prefetched
+                    os.kill(os.getpid(), signum)
                 yield batch
 
         monkeypatch.setattr(train.inputs, "pretrain_batches", preempted_batches)
         with pytest.raises(Preempted) as stopped:
             train.pretrain(config(), str(tmp_path / "resumed"))
         assert 1 <= stopped.value.step < 4  # saved and stopped early
+        assert stopped.value.exit_code == 128 + signum
         assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [stopped.value.step]
         monkeypatch.setattr(train.inputs, "pretrain_batches", real_batches)
         resumed = train.pretrain(config(), str(tmp_path / "resumed"))

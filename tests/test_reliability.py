@@ -24,8 +24,8 @@ from test_pipeline import load_config, tiny
 from rr_jax import config as config_lib
 from rr_jax import data, train
 from rr_jax.checkpoint import Checkpointer
-from rr_jax.errors import ConfigError, DatasetError, ResumeError, WorkdirBusyError
-from rr_jax.run_dir import RunDirectory, check_resumable, third_party_logs_to_file, unknown_key_message
+from rr_jax.errors import CheckpointWriteError, ConfigError, DatasetError, ResumeError, UserError, WorkdirBusyError
+from rr_jax.run_dir import RunDirectory, check_resumable, is_run_directory, third_party_logs_to_file, unknown_key_message
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,13 +89,57 @@ def test_unknown_config_keys_get_a_close_match():
 
 
 def test_trim_metrics_keeps_each_step_once(tmp_path):
-    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)] + [json.dumps({"step": 2, "knn_top1": 0.5})]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a line cut by a kill
+    with RunDirectory(str(tmp_path)):  # a run that logged, then was killed
+        lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)] + [json.dumps({"step": 2, "knn_top1": 0.5})]
+        (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a line cut by a kill
     with RunDirectory(str(tmp_path)) as run:
         assert run.trim_metrics(2) == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 2, "knn_top1": 0.5}]
     assert not glob.glob(str(tmp_path / "metrics.jsonl.tmp*"))
+
+
+# ------------------------------------------------------------------ whose workdir
+
+
+def _snapshot(root):
+    """Every path under `root` with its bytes (None for directories)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+FOREIGN_WORKDIRS = {
+    "their metrics": {"metrics.jsonl": '{"epoch": 1, "acc": 0.5}\n{"epoch": 2, "acc": 0.6}\n'},
+    "their lock and checkpoints": {"lock": "pid 4242\n", "checkpoints/3/model.pt": "weights", "notes.txt": "mine"},
+}
+
+
+@pytest.mark.parametrize("name", FOREIGN_WORKDIRS)
+def test_a_directory_rr_jax_did_not_make_is_refused_untouched(tmp_path, name):
+    for relative, text in FOREIGN_WORKDIRS[name].items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text)
+    before = _snapshot(tmp_path)
+    shown = ", ".join(sorted(p if "/" not in p else p.split("/")[0] + "/" for p in FOREIGN_WORKDIRS[name]))
+    with pytest.raises(UserError, match=rf"--workdir={tmp_path} is not empty and is not an rr_jax workdir: it holds "
+                                        rf"{re.escape(shown)}\."):
+        RunDirectory(str(tmp_path)).__enter__()
+    assert _snapshot(tmp_path) == before  # no lock, no log file, nothing trimmed
+
+
+def test_rr_jax_workdirs_are_recognised(tmp_path):
+    with RunDirectory(str(tmp_path / "new")):  # absent: created
+        (tmp_path / "new" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "killed_at_start").mkdir()
+    (tmp_path / "killed_at_start" / "lock").write_text("")  # created, not yet written
+    writer = Checkpointer(str(tmp_path / "imported"))  # what rr_jax.convert makes
+    writer.save_weights(0, {"w": np.zeros(2)}, {"dataset": "cifar10"})
+    writer.wait()
+    for name in ("new", "empty", "killed_at_start", "imported"):
+        assert is_run_directory(str(tmp_path / name)) == (name != "empty")
+        with RunDirectory(str(tmp_path / name)):
+            pass
+    assert (tmp_path / "new" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
 # ------------------------------------------------------------------ validation first
@@ -226,6 +270,104 @@ def test_imported_weights_of_another_backbone_are_refused(tmp_path, fast_compile
     assert Checkpointer(str(tmp_path / "run")).all_steps() == [0]  # nothing lost
 
 
+# ------------------------------------------------------------------ a checkpoint that cannot be written
+
+ENOSPC_FROM_TENSORSTORE = ValueError(  # how Orbax reports a full disk, from its writer thread
+    'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: Failed to write 32712 bytes to file 20: '
+    "No space left on device [os_error_code='28']")
+
+
+def test_failed_write_is_one_error_naming_the_step_and_cleans_up(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(str(tmp_path), 3)
+    tree = {"w": np.arange(500.0)}
+    checkpointer.save(1, tree, tree, config_lib.base_config().to_dict())
+    checkpointer.wait()
+    manager = checkpointer._manager
+
+    def partial_save(step, args, force):  # step 2 starts writing, then its writer thread fails
+        (tmp_path / "checkpoints" / f"{step}.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+
+    def failed_wait():
+        monkeypatch.setattr(manager, "wait_until_finished", lambda: None)  # Orbax reports an error once
+        raise ENOSPC_FROM_TENSORSTORE
+
+    monkeypatch.setattr(manager, "save", partial_save)
+    checkpointer.save(2, tree, tree, config_lib.base_config().to_dict())
+    monkeypatch.setattr(manager, "wait_until_finished", failed_wait)
+    with pytest.raises(CheckpointWriteError) as error:
+        checkpointer.save(3, tree, tree, config_lib.base_config().to_dict())  # where the failure of 2 surfaces
+    assert (error.value.step, error.value.latest, error.value.reason) == (2, 1, "No space left on device (errno 28)")
+    assert str(error.value).startswith(f"Cannot write the checkpoint of step 2 in {tmp_path}/checkpoints: "
+                                       "No space left on device (errno 28).")
+    checkpointer.close()  # reported once
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]  # the temporary directory is removed
+    np.testing.assert_array_equal(Checkpointer(str(tmp_path)).restore_backbone(1)[0]["w"], tree["w"])
+
+
+def test_other_save_errors_are_not_disguised(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(str(tmp_path))
+    monkeypatch.setattr(checkpointer._manager, "save", lambda *a, **k: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        checkpointer.save(1, {"w": np.zeros(2)}, {"w": np.zeros(2)}, {})
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 16 MiB tmpfs at tmp_path/'small', unmounted afterwards; the test is skipped where
+    mounting is not allowed (not root)."""
+    path = tmp_path / "small"
+    path.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError as error:
+        pytest.skip(f"no mount command: {error}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _fill(filesystem, leave=64 * 1024):
+    """Fills `filesystem` with a file but `leave` bytes: a metrics line still fits, a checkpoint does not."""
+    stats = os.statvfs(filesystem)
+    (filesystem / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
+
+
+def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, monkeypatch, fast_compile,
+                                                                   small_filesystem):
+    config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=5, **{
+        "model.backbone": "conv4", "checkpoint.every_steps": 1})
+    workdir = small_filesystem / "run"
+    real_batches = train.inputs.pretrain_batches
+
+    def filling_batches(*args, **kwargs):
+        for step, batch in enumerate(real_batches(*args, **kwargs), start=1):
+            if step == 4:  # fetched ahead, while step 2 or so is checkpointed
+                _fill(small_filesystem)
+            yield batch
+
+    with mocked_tfds(tmp_path / "tfds", 64):
+        monkeypatch.setattr(train.inputs, "pretrain_batches", filling_batches)
+        with pytest.raises(CheckpointWriteError, match=rf"step \d in {workdir}/checkpoints: No space left on device") as error:
+            train.pretrain(config, str(workdir))
+        failed, latest = error.value.step, error.value.latest
+        assert failed >= 2 and latest == failed - 1
+        kept = list(range(max(1, latest - 2), latest + 1))  # max_to_keep 3
+        assert Checkpointer(str(workdir)).all_steps() == kept
+        assert sorted(os.listdir(workdir / "checkpoints")) == sorted(map(str, kept))  # no temporary directory
+
+        (small_filesystem / "filler").unlink()  # the cause is fixed
+        monkeypatch.setattr(train.inputs, "pretrain_batches", real_batches)
+        restored = []
+        real_restore = train._restore
+        monkeypatch.setattr(train, "_restore", lambda *args: restored.append(real_restore(*args)) or restored[-1])
+        state = train.pretrain(config, str(workdir))
+    assert restored[0][1] == latest and int(state.step) == 5
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # the records logged after `latest` were trimmed once
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -270,17 +412,31 @@ def _launch(workdir, data_dir, *overrides, **popen):
                "--config.checkpoint.every_steps=2", "--config.log_every_steps=1", *overrides]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+                            text=True, preexec_fn=_sigint_as_in_a_terminal(), **popen)
+
+
+def _sigint_as_in_a_terminal():
+    """A preexec_fn that gives a child SIGINT's default action where this process ignores
+    it (a background job: ignored signals stay ignored across exec); else None."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return None
+    return lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _wait_for(path, predicate, process, timeout=600):
+    """Polls until `path` exists and `predicate(its text)` holds; fails if `process` ends first."""
+    deadline = time.time() + timeout
+    while not (path.exists() and predicate(path.read_text())):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.3)
 
 
 def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
     workdir = tmp_path / "run"
     first = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000")
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
-        assert first.poll() is None, first.communicate()
-        time.sleep(0.5)
+    _wait_for(metrics, lambda text: len(text.splitlines()) >= 3, first)
 
     second = _launch(workdir, fashion_mnist_dir, "--config.max_steps=4")
     _, err = second.communicate(timeout=600)
@@ -310,3 +466,74 @@ def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
     assert info_sources and info_sources <= ours, info_sources  # no third-party INFO chatter on the console
     assert "oneDNN" not in err and "absl::InitializeLog" not in err, err  # nor TensorFlow's C++ start-up lines
     assert "checkpoint_manager.py" in (workdir / "log.txt").read_text()  # ... it is in the log file
+
+
+def test_launch_ctrl_c_saves_the_step_reached_and_during_the_probe_a_rerun_finishes(tmp_path, fashion_mnist_dir):
+    workdir = tmp_path / "run"
+    first = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000", "--config.checkpoint.every_steps=1000")
+    _wait_for(workdir / "metrics.jsonl", lambda text: len(text.splitlines()) >= 3, first)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 130, err
+    assert "Traceback" not in err
+    (hint,) = [line for line in err.splitlines() if "Re-run the same command to resume" in line]
+    stopped = Checkpointer(str(workdir)).latest_step()
+    assert stopped >= 3 and f"Interrupted at step {stopped} of 937;" in hint  # one epoch; saved although not due
+    assert not (workdir / "probe_results.json").exists()
+
+    end = f"--config.max_steps={stopped + 2}"
+    probing = _launch(workdir, fashion_mnist_dir, end, "--config.probe.epochs=100000")
+    _wait_for(workdir / "log.txt", lambda text: "Probe epoch" in text, probing)
+    probing.send_signal(signal.SIGINT)
+    _, err = probing.communicate(timeout=600)
+    assert probing.returncode == 130, err
+    assert "Traceback" not in err and "Interrupted during the linear probe" in err
+    assert not (workdir / "probe_results.json").exists()
+
+    again = _launch(workdir, fashion_mnist_dir, end)
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err
+    assert json.loads((workdir / "probe_results.json").read_text())["step"] == stopped + 2
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stopped + 3))  # each step once; the probe's rerun trained nothing
+
+
+def test_launch_refuses_a_directory_it_did_not_make(tmp_path, fashion_mnist_dir):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n')
+    before = _snapshot(tmp_path)
+    refused = _launch(tmp_path, fashion_mnist_dir, "--config.max_steps=2")
+    _, err = refused.communicate(timeout=600)
+    assert refused.returncode == 2, err
+    assert "is not an rr_jax workdir: it holds metrics.jsonl." in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_second_ctrl_c_stops_at_once():
+    script = (
+        "import os, signal, time\n"
+        "from rr_jax import train\n"
+        "with train._Preemption() as preemption:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.5)  # the first is remembered: the loop would save and stop\n"
+        "    print(preemption.signum == signal.SIGINT, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(60)\n"
+        "print('not stopped', flush=True)\n"
+    )
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            preexec_fn=_sigint_as_in_a_terminal())
+    assert result.returncode == -signal.SIGINT, result.stderr
+    assert result.stdout == "True\n" and "Traceback" not in result.stderr
+    assert time.time() - started < 60
+
+
+def test_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
+        with train._Preemption():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
