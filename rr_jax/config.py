@@ -110,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True  # launch.py runs the linear probe after pretraining
     config.probe.epochs = 100
+    # An image folder without a test split: this fraction of its train split (class-balanced,
+    # drawn with holdout_seed) is the probe's test split, and pretraining never sees it.
+    # 0: no hold-out (the probe and the monitors then need a test split).
+    config.probe.holdout_fraction = 0.1
+    config.probe.holdout_seed = 0
     return config
 
 
@@ -189,8 +194,15 @@ def validate_config(
     if config.batch_size // devices < 2:
         _fail("batch_size", config.batch_size,
               f"each of the {devices} devices needs >= 2 images to form negatives")
-    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
-        _fail("seed", config.seed, "it must be an integer >= 0")
+    for key in ("seed", "probe.holdout_seed"):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _fail(key, value, "it must be an integer >= 0")
+    if not 0 <= config.probe.holdout_fraction < 1:
+        _fail("probe.holdout_fraction", config.probe.holdout_fraction,
+              "it must be in [0, 1): the fraction of the train split held out as the test split (0: none)")
     if not 0 <= config.optimizer.momentum < 1:
         _fail("optimizer.momentum", config.optimizer.momentum, "it must be in [0, 1)")
     try:

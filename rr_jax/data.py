@@ -17,6 +17,11 @@ p-th contiguous slice of it. The order is thus a function of (seed, step) alone:
 processes together see exactly the global batches that one process sees, and a run
 resumed at step s sees what an uninterrupted run saw from s, from either source.
 
+Hold-out test splits: an image folder without a test split gets one from its train
+split (`Holdout`): a class-balanced, seeded fraction of it is read as `HELD_OUT_SPLIT`,
+and every other read of the train split (pretraining, the probe's training, monitors)
+leaves those images out.
+
 Offline Fashion-MNIST: when the TFDS dataset is not prepared and the original files are
 in `DatasetSpec.offline_dir` (by default where Debian's package `dataset-fashion-mnist`
 installs them), it is prepared from those files without network access.
@@ -56,6 +61,47 @@ _READ_CHUNK = 2048
 
 # --------------------------------------------------------------------------- specs
 
+HELD_OUT_SPLIT = "heldout"
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a class-balanced subset: each class keeps `fraction` of its examples
+    (rounded, at least one), drawn without replacement with NumPy's generator `seed`.
+
+    A pure function of (labels, fraction, seed). Returns sorted int64 indices into
+    `labels` (int[N]); a balanced set gives equal counts.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], e.g. 0.01, 0.1, 0.25, 0.5 or 1.0; got {fraction!r}.")
+    rng = np.random.default_rng(seed)
+    picks = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        picks.append(rng.choice(members, count, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdout:
+    """The test split of a dataset that has none: `fraction` of its train split,
+    class-balanced and drawn with `seed` (`label_subset` of the train split's labels,
+    so every process and every later probe computes the same images)."""
+
+    fraction: float
+    seed: int
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"Holdout.fraction must be in (0, 1), got {self.fraction!r}.")
+
+    def held_out(self, labels: np.ndarray) -> np.ndarray:
+        """Sorted indices of the held-out examples of a train split with `labels` int[N]."""
+        return label_subset(labels, self.fraction, self.seed)
+
+    def describe(self) -> str:
+        return f"held out {100 * self.fraction:g}% of train (class-balanced, seed {self.seed})"
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -77,6 +123,9 @@ class DatasetSpec:
       folder_layout: for image-folder datasets, one of `image_folder.LAYOUTS`; the
         dataset is then read from `image_folder`, not from TFDS (`tfds_name` only names it).
       image_folder: the root of the image-folder tree (set by the config).
+      holdout: for an image folder without a test split, the part of `train_split`
+        read as the test split, `test_split` = HELD_OUT_SPLIT (see `Holdout`); reads
+        of `train_split` leave it out. None: the dataset's own test split.
 
     Images whose stored size differs from `image_shape` (variable-size TFDS images such as
     imagenet2012's, image folders) are resized on the host (`image_folder.fit_image`).
@@ -94,6 +143,7 @@ class DatasetSpec:
     offline_dir: str | None = None
     folder_layout: str | None = None
     image_folder: str | None = None
+    holdout: Holdout | None = None
 
     def __post_init__(self):
         # Configs hand over lists; store tuples so that the spec stays immutable.
@@ -128,6 +178,19 @@ class DatasetSpec:
             raise ValueError(
                 f"folder_layout must be one of {list(image_folder.LAYOUTS)} or None, got {self.folder_layout!r}."
             )
+        if self.holdout is not None and (self.folder_layout is None or self.test_split != HELD_OUT_SPLIT):
+            raise ValueError(
+                f"A holdout needs an image folder (folder_layout) and test_split={HELD_OUT_SPLIT!r}; got "
+                f"folder_layout={self.folder_layout!r}, test_split={self.test_split!r}."
+            )
+
+    def describe_split(self, split: str) -> str:
+        """How `split` is made, for logs and results: its name, or where it is held out."""
+        if self.holdout is not None and split == self.test_split:
+            return self.holdout.describe()
+        if self.holdout is not None and split == self.train_split:
+            return f"{split} without the {100 * self.holdout.fraction:g}% held out as the test split"
+        return split
 
 
 def get_dataset_spec(name: str, label_space: str | None = None, **overrides: Any) -> DatasetSpec:
@@ -407,7 +470,7 @@ def _prepared_builder(
             spec.tfds_name, root, offline,
         )
     elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"TFDS dataset {spec.tfds_name!r} is not prepared in {root}. " + _how_to_get(spec, root)
         )
     elif not download:
@@ -468,6 +531,34 @@ def _folder_split(spec: DatasetSpec, split: str, data_dir: str | None) -> image_
     return image_folder.prepare_split(spec.image_folder, spec.folder_layout, split, data_dir or tfds.core.constants.DATA_DIR)
 
 
+def _folder_records(
+    spec: DatasetSpec, split: str, data_dir: str | None
+) -> tuple[image_folder.PreparedSplit, np.ndarray | None]:
+    """The prepared split that `split` is read from, and which of its records (None:
+    all): with a holdout, HELD_OUT_SPLIT is the held-out records of the train split and
+    the train split the others."""
+    if spec.holdout is None or split not in (HELD_OUT_SPLIT, spec.train_split):
+        return _folder_split(spec, split, data_dir), None
+    prepared = _folder_split(spec, spec.train_split, data_dir)
+    held_out = spec.holdout.held_out(prepared.labels)
+    if split == HELD_OUT_SPLIT:
+        return prepared, held_out
+    return prepared, np.setdiff1d(np.arange(prepared.num_examples), held_out)
+
+
+class _Subset(Sequence):
+    """Records `indices` of a random-access source, as a source of len(indices)."""
+
+    def __init__(self, source: Sequence[dict[str, np.ndarray]], indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._source[int(self._indices[index])]
+
+
 def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
     """The names of the classes of `spec.label_key`, in label order (prepares the
     dataset if needed, like `load_split`)."""
@@ -494,7 +585,8 @@ def split_size(spec: DatasetSpec, split: str, data_dir: str | None = None, *, do
     """Number of examples of a split (e.g. "train[:10%]"), from metadata; prepares the
     dataset if needed but reads no images."""
     if spec.folder_layout is not None:
-        return _folder_split(spec, split, data_dir).num_examples
+        prepared, indices = _folder_records(spec, split, data_dir)
+        return prepared.num_examples if indices is None else len(indices)
     builder = _prepared_builder(spec, data_dir, download)
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
         return len(builder.as_data_source(split))
@@ -533,8 +625,11 @@ def record_source(
       ValueError: the dataset does not match `spec`, or it is prepared in another format.
     """
     if spec.folder_layout is not None:
-        source = image_folder.FolderSource(_folder_split(spec, split, data_dir), spec.image_shape)
-        where = spec.image_folder
+        prepared, indices = _folder_records(spec, split, data_dir)
+        source = image_folder.FolderSource(prepared, spec.image_shape)
+        if indices is not None:
+            source = _Subset(source, indices)
+        where = f"{spec.image_folder} ({spec.describe_split(split)})" if indices is not None else spec.image_folder
     else:
         builder = _checked_builder(spec, data_dir, download, "array_record")
         if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:

@@ -49,6 +49,15 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """A dataset is not prepared and cannot be obtained."""
 
 
+class DatasetContentError(DatasetError, ValueError):
+    """A dataset's files are readable but not what they must be (an image that does not
+    decode, a class folder the train split lacks, a malformed annotations line)."""
+
+
+class OutOfMemoryError(UserError, MemoryError):
+    """The train step does not fit in the device's memory at this config."""
+
+
 class Preempted(Exception):
     """The run stopped on SIGTERM (a preemption notice) or SIGINT (Ctrl-C) after saving
     the checkpoint of `step`; `exit_code` is the shell's code for that signal."""

@@ -32,6 +32,8 @@ from absl import logging
 from array_record.python import array_record_data_source, array_record_module
 from PIL import Image
 
+from rr_jax.errors import DatasetContentError, DatasetNotFoundError
+
 LAYOUTS = ("tiny_imagenet", "slimagenet64", "class_folders")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp")
 
@@ -65,8 +67,8 @@ def how_to_get(layout: str) -> str:
     return _DISTRIBUTIONS[layout][0]
 
 
-def _missing(root: str, layout: str, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{what} not found under image_folder={root!r} ({layout} layout). " + how_to_get(layout))
+def _missing(root: str, layout: str, what: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(f"{what} not found under image_folder={root!r} ({layout} layout). " + how_to_get(layout))
 
 
 def _images_in(directory: str) -> list[str]:
@@ -81,6 +83,15 @@ def _class_root(root: str, layout: str, split: str) -> str:
     if layout == "class_folders" and split == "train" and not os.path.isdir(os.path.join(root, "train")):
         return root
     return os.path.join(root, split)
+
+
+def has_split(root: str, layout: str, split: str) -> bool:
+    """Whether the tree has `split` where the layout looks for it (its folder; for
+    tiny-ImageNet's test split, val/val_annotations.txt); reads no images."""
+    _check_layout(layout)
+    if layout == "tiny_imagenet" and split == "test":
+        return os.path.isfile(os.path.join(root, "val", "val_annotations.txt"))
+    return os.path.isdir(_class_root(root, layout, split))
 
 
 def class_names(root: str, layout: str) -> list[str]:
@@ -119,13 +130,13 @@ def list_split(root: str, layout: str, split: str) -> tuple[list[str], np.ndarra
                 if not fields:
                     continue
                 if len(fields) < 2 or fields[1] not in index:
-                    raise ValueError(f"{annotations}:{line_number}: expected 'FILE WNID ...' with a WNID of "
+                    raise DatasetContentError(f"{annotations}:{line_number}: expected 'FILE WNID ...' with a WNID of "
                                      f"train/, got {line.strip()!r}.")
                 files.append(os.path.join(root, "val", "images", fields[0]))
                 labels.append(index[fields[1]])
     else:
         if layout != "class_folders" and split not in ("train", "test"):
-            raise ValueError(f"Unknown split {split!r} of the {layout} layout; valid: ['train', 'test'].")
+            raise DatasetNotFoundError(f"Unknown split {split!r} of the {layout} layout; valid: ['train', 'test'].")
         split_root = _class_root(root, layout, split)
         if not os.path.isdir(split_root):
             raise _missing(root, layout, f"The {split!r} split folder {split_root!r} was")
@@ -133,7 +144,7 @@ def list_split(root: str, layout: str, split: str) -> tuple[list[str], np.ndarra
             if not entry.is_dir():
                 continue
             if entry.name not in index:
-                raise ValueError(f"Class folder {entry.path!r} has no counterpart in the train split; "
+                raise DatasetContentError(f"Class folder {entry.path!r} has no counterpart in the train split; "
                                  f"classes: the {len(names)} folders of the train split.")
             images = entry.path
             if layout == "tiny_imagenet":
@@ -157,7 +168,7 @@ def decode_image(data: bytes, shape: tuple[int, int, int], name: str = "image") 
             image = image.convert("L" if shape[2] == 1 else "RGB")
             return fit_image(image, shape)
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Cannot decode {name}: {error}. Replace or remove the file.") from error
+        raise DatasetContentError(f"Cannot decode {name}: {error}. Replace or remove the file.") from error
 
 
 def fit_image(image: Image.Image | np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -179,11 +190,13 @@ def fit_image(image: Image.Image | np.ndarray, shape: tuple[int, int, int]) -> n
 
 @dataclasses.dataclass(frozen=True)
 class PreparedSplit:
-    """One split prepared into ArrayRecord: its file, size and class names."""
+    """One split prepared into ArrayRecord: its file, size, class names and the label of
+    every record (int32[num_examples], in record order)."""
 
     path: str
     num_examples: int
     class_names: tuple[str, ...]
+    labels: np.ndarray = dataclasses.field(compare=False, repr=False)
 
 
 def prepare_split(root: str, layout: str, split: str, cache_dir: str) -> PreparedSplit:
@@ -191,7 +204,11 @@ def prepare_split(root: str, layout: str, split: str, cache_dir: str) -> Prepare
     or reuses the one written before for the same tree (same files and classes).
 
     Each record is a little-endian int32 label followed by the image file's bytes.
-    Raises ValueError naming the first file that does not decode.
+
+    Raises:
+      DatasetNotFoundError: the split's folder (or images) are missing.
+      DatasetContentError (a ValueError): a file does not decode (named), or a class
+        folder has no counterpart in the train split.
     """
     files, labels, names = list_split(root, layout, split)
     digest = hashlib.sha1("\n".join([layout, *names, *files]).encode()).hexdigest()[:16]
@@ -199,7 +216,7 @@ def prepare_split(root: str, layout: str, split: str, cache_dir: str) -> Prepare
     directory = os.path.join(cache_dir, "image_folders", f"{os.path.basename(os.path.normpath(root))}-{tag}")
     path = os.path.join(directory, f"{split}.array_record")
     meta_path = os.path.join(directory, f"{split}.json")
-    prepared = PreparedSplit(path, len(files), tuple(names))
+    prepared = PreparedSplit(path, len(files), tuple(names), labels)
     if os.path.isfile(meta_path) and os.path.isfile(path):
         with open(meta_path) as f:
             if json.load(f).get("digest") == digest:
@@ -234,7 +251,7 @@ def _verify(data: bytes, name: str) -> None:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Cannot decode image file {name}: {error}. Replace or remove the file.") from error
+        raise DatasetContentError(f"Cannot decode image file {name}: {error}. Replace or remove the file.") from error
 
 
 class FolderSource:
@@ -247,7 +264,7 @@ class FolderSource:
         self._shape = tuple(image_shape)
         self._path = prepared.path
         if len(self._records) != prepared.num_examples:
-            raise ValueError(f"{prepared.path} holds {len(self._records)} records, expected "
+            raise DatasetContentError(f"{prepared.path} holds {len(self._records)} records, expected "
                              f"{prepared.num_examples}; delete it to prepare it again.")
 
     def __len__(self) -> int:

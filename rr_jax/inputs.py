@@ -14,11 +14,13 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from rr_jax import data, streaming
+from rr_jax import data, image_folder, streaming
+from rr_jax.objectives import config_error
 
 STREAMING = ("auto", "stream", "memory")
 
@@ -29,8 +31,12 @@ def dataset_spec(
     """The spec of `dataset` (default `config.dataset`) in `label_space` (default: the
     first) with the config's image folder, image size (`data.image_size`: square side)
     and normalisation (`data.mean`, `data.std`) where set; an image folder's class count
-    is that of its tree. `config` is a ConfigDict or a saved config dict (config.json,
-    the checkpoint's); its settings apply to its own dataset only."""
+    is that of its tree, and an image folder without a test split holds one out of its
+    train split (`data.Holdout` of `probe.holdout_fraction` and `probe.holdout_seed`;
+    none where the fraction is 0 or, in configs saved before these fields, absent).
+    `config` is a ConfigDict or a saved config dict (config.json, the checkpoint's); its
+    settings apply to its own dataset only. Pretraining and every later evaluation call
+    this on the same config, so they agree on the held-out images."""
     name = dataset or config["dataset"]
     if name not in data.DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; known: {sorted(data.DATASETS)}.")
@@ -39,7 +45,12 @@ def dataset_spec(
     if name == config["dataset"]:
         settings = config.get("data") or {}
         if default.folder_layout is not None:
-            overrides["image_folder"] = config.get("image_folder")
+            overrides["image_folder"] = root = config.get("image_folder")
+            probe = config.get("probe") or {}
+            fraction = probe.get("holdout_fraction")
+            if root and fraction and not image_folder.has_split(root, default.folder_layout, default.test_split):
+                overrides["holdout"] = data.Holdout(fraction, probe.get("holdout_seed", 0))
+                overrides["test_split"] = data.HELD_OUT_SPLIT
         if settings.get("image_size") is not None:
             side = settings["image_size"]
             overrides["image_shape"] = (side, side, default.image_shape[2])
@@ -120,3 +131,65 @@ def eval_batches(
                                              prefetch_steps=config.data.prefetch_steps, **layout)
     images, labels = data.load_split(spec, split, config.data_dir, read_threads=config.data.read_threads)
     return data.eval_batches(images, labels, batch_size, **layout)
+
+
+def pretrain_batch_shapes(
+    config: ml_collections.ConfigDict,
+    spec: data.DatasetSpec,
+    *,
+    process_count: int,
+    local_device_count: int,
+    labelled_alongside: bool = False,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one batch of `pretrain_batches` (in memory or streamed
+    alike), with 'probe_image' and 'probe_label' where `labelled_alongside`
+    (`monitors.with_labelled_batches`): what the step is compiled for before any data
+    is read. {'image': uint8[L, B, H, W, C], 'label', 'index': int32[L, B]}, B = M / (P * L)."""
+    shape = (local_device_count, config.batch_size // (process_count * local_device_count))
+    images = jax.ShapeDtypeStruct((*shape, *spec.image_shape), np.uint8)
+    ints = jax.ShapeDtypeStruct(shape, np.int32)
+    batch = {"image": images, "label": ints, "index": ints}
+    if labelled_alongside:
+        batch.update(probe_image=images, probe_label=ints)
+    return batch
+
+
+def check_splits(config: ml_collections.ConfigDict, spec: data.DatasetSpec, *, device_count: int) -> dict[str, int]:
+    """Checks every split the run will read before any is read into training: that it
+    exists, that its images decode (image folders: prepared here, once), that a global
+    batch fits in the pretraining split (and in the labelled split batched alongside it
+    for the online probe), and that the kNN monitor's bank holds k images.
+
+    The splits: the pretraining split; the train and test splits where the linear probe
+    (`probe.enabled`), the kNN monitor or the online probe run. Returns {split: size}.
+
+    Raises:
+      DatasetNotFoundError: a split is missing (the message says what to provide).
+      DatasetContentError: a file does not decode (named) or does not fit the layout.
+      ConfigError: `batch_size` or `knn_monitor.k` larger than the split allows.
+    """
+    pretrain = config.pretrain_split or spec.pretrain_split
+    batched = [pretrain]
+    if config.online_probe.every_steps and not data.has_labels(pretrain):
+        batched.append(spec.train_split)
+    evaluated = []
+    if config.probe.enabled or config.knn_monitor.every_steps or config.online_probe.every_steps:
+        evaluated = [spec.train_split, spec.test_split]
+    sizes = {split: data.split_size(spec, split, config.data_dir) for split in dict.fromkeys(batched + evaluated)}
+    for split in batched:
+        if config.batch_size > sizes[split]:
+            fitting = sizes[split] // device_count * device_count
+            allowed = (f"use at most {fitting} (a multiple of the {device_count} device(s))"
+                       if fitting >= 2 * device_count else
+                       f"it is smaller than 2 images for each of the {device_count} device(s)")
+            raise config_error("batch_size", config.batch_size,
+                               f"split {spec.describe_split(split)!r} of {config.dataset} holds {sizes[split]} "
+                               f"images; {allowed}")
+    if config.knn_monitor.every_steps:
+        bank = min(config.knn_monitor.num_train, sizes[spec.train_split])
+        if config.knn_monitor.k > bank:
+            raise config_error("knn_monitor.k", config.knn_monitor.k,
+                               f"the kNN bank holds {bank} images of split {spec.describe_split(spec.train_split)!r}; "
+                               f"use at most {bank}")
+    return sizes
+

@@ -73,22 +73,6 @@ FINETUNE_WEIGHT_DECAY = 1e-5
 # ---------------------------------------------------------------------- few labels
 
 
-def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a class-balanced subset: each class keeps `fraction` of its examples
-    (rounded, at least one), drawn without replacement with NumPy's generator `seed`.
-
-    Returns sorted int64 indices into `labels`; a balanced set gives equal counts.
-    """
-    _check_fraction(fraction)
-    rng = np.random.default_rng(seed)
-    picks = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = max(1, round(fraction * len(members)))
-        picks.append(rng.choice(members, count, replace=False))
-    return np.sort(np.concatenate(picks))
-
-
 def _check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(
@@ -383,7 +367,9 @@ def run_probe(
     Returns:
       The results written to WORKDIR/<name>_results.json (see `probe_name`): top1 and
       top5 test accuracy (fractions), the protocol, the checkpoint step, example
-      counts and the wall time in seconds.
+      counts, how the test split is made ('test_split': its name, or for an image
+      folder without one, e.g. "held out 10% of train (class-balanced, seed 0)") and
+      the wall time in seconds.
 
     Raises:
       FileNotFoundError: no checkpoint (of `step`), or the dataset cannot be loaded.
@@ -405,12 +391,12 @@ def run_probe(
         train_inputs, train_labels = split_features(evaluation, spec.train_split)
         test_features, test_labels = split_features(evaluation, spec.test_split)
     if label_fraction < 1.0:
-        subset = label_subset(train_labels, label_fraction, seed)
+        subset = data.label_subset(train_labels, label_fraction, seed)
         train_inputs, train_labels = train_inputs[subset], train_labels[subset]
     logging.info(
-        "Probing %s (step %d of %s) on %s/%s: %d train, %d test examples, %d classes%s.",
+        "Probing %s (step %d of %s) on %s/%s: %d train, %d test examples (test split: %s), %d classes%s.",
         config["model"]["backbone"], used_step, workdir, spec.tfds_name, space,
-        len(train_labels), len(test_labels), spec.num_classes,
+        len(train_labels), len(test_labels), spec.describe_split(spec.test_split), spec.num_classes,
         ", fine-tuning" if finetune else "",
     )
 
@@ -448,6 +434,7 @@ def run_probe(
         "seed": seed,
         "num_train": len(train_labels),
         "num_test": len(test_labels),
+        "test_split": spec.describe_split(spec.test_split),
         "train_loss": float(history["loss"][-1]),
         "train_accuracy": float(history["accuracy"][-1]),
         "top1": topk_accuracy(logits, test_labels, 1),

@@ -37,11 +37,12 @@ _LOCK_HOLDER = re.compile(r"process \d+ on \S+ since \d{4}-\d\d-\d\d \d\d:\d\d:\
 # Fields that may differ between a checkpoint's config and the config resuming it: how
 # long to train, how often to log, monitor and checkpoint, where the data lives and how
 # it is read (streamed or in memory give the same batches), and the evaluation that runs
-# after pretraining. Everything else changes what is trained.
+# after pretraining (not its hold-out: pretraining leaves those images out). Everything
+# else changes what is trained.
 RESUMABLE_FIELDS = (
     "max_steps", "num_epochs", "log_every_steps", "data_dir", "image_folder", "data.streaming",
     "data.in_memory_limit_mib", "data.read_threads", "data.prefetch_steps", "checkpoint.*",
-    "knn_monitor.*", "online_probe.*", "probe.*",
+    "knn_monitor.*", "online_probe.*", "probe.enabled", "probe.epochs",
 )
 # The fields that shape imported weights (a converted checkpoint has no train state).
 WEIGHT_FIELDS = ("dataset", "model.backbone")

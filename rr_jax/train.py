@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rr_jax import data, inputs, online_probe
+from rr_jax import data, inputs, memory, online_probe
 from rr_jax.augment import normalize_images
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
@@ -358,8 +358,11 @@ def pretrain(
 def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config_change: Sequence[str]) -> TrainState:
     workdir = run.workdir
     spec = inputs.dataset_spec(config)
+    if spec.holdout is not None:
+        logging.info("%s has no test split: the probe's test split is %s; pretraining never sees those images.",
+                     spec.image_folder, spec.holdout.describe())
     split = config.pretrain_split or spec.pretrain_split
-    num_examples = data.split_size(spec, split, config.data_dir)
+    num_examples = inputs.check_splits(config, spec, device_count=jax.device_count())[split]
     steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -370,16 +373,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
         total_steps = 0
     backbone = make_backbone(config)
     optimizer = make_optimizer(config, total_steps)
-    state = create_train_state(
-        jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
-        objective=objective, num_classes=spec.num_classes, num_examples=num_examples,
-    )
-    if config.online_probe.every_steps:
-        dim = feature_dim(backbone, {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
-                          spec.image_shape)
-        probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        state = state.replace(online_probe=online_probe.init(
-            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)))
+    state = _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples)
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
     state, start = _restore(checkpointer, state, config, allow_config_change, run.primary)
     if start:
@@ -389,15 +383,19 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     run.write_config(config.to_dict())
     _log_run(config, state, spec, steps_per_epoch, total_steps, objective)
 
-    step_fn = parallel_train_step(
-        backbone=backbone, optimizer=optimizer, objective=objective,
-        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
-    )
+    labelled_alongside = state.online_probe is not None and not data.has_labels(split)
+    step_fn = None
+    if start < total_steps:  # compiled ahead of time, checked against the devices' memory, then run
+        step_fn = memory.compile_checked(
+            functools.partial(_lower_step, config, spec, state=state, total_steps=total_steps,
+                              num_examples=num_examples, labelled_alongside=labelled_alongside),
+            _searched_sizes(config), devices=jax.local_devices(),
+        )
     epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
     layout = dict(start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
                   local_device_count=jax.local_device_count())
     batches = inputs.pretrain_batches(config, spec, **layout)
-    if state.online_probe is not None and not data.has_labels(split):  # e.g. STL-10 'unlabelled'
+    if labelled_alongside:  # e.g. STL-10 'unlabelled'
         batches = with_labelled_batches(batches, inputs.pretrain_batches(config, spec, split=spec.train_split, **layout))
     batches = data.prefetch_to_devices(batches)
     monitors = Monitors(config, spec, make_backbone(config, axis_name=None)) if run.primary else None
@@ -457,6 +455,69 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     if preemption.requested:
         raise Preempted(step, total_steps, workdir, preemption.signum)
     return unreplicate(replicated)
+
+
+def _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples) -> TrainState:
+    """The fresh train state of a run, with its online probe where configured."""
+    state = create_train_state(
+        jax.random.key(config.seed), backbone, optimizer, spec.image_shape,
+        objective=objective, num_classes=spec.num_classes, num_examples=num_examples,
+    )
+    if config.online_probe.every_steps:
+        dim = feature_dim(backbone, {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                          spec.image_shape)
+        probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        state = state.replace(online_probe=online_probe.init(
+            probe_key, dim, spec.num_classes, online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)))
+    return state
+
+
+def _lower_step(
+    config: ml_collections.ConfigDict,
+    spec: data.DatasetSpec,
+    overrides: dict[str, int],
+    *,
+    state: TrainState,
+    total_steps: int,
+    num_examples: int,
+    labelled_alongside: bool,
+) -> jax.stages.Lowered:
+    """`parallel_train_step` of `config` with `overrides` ({key: value}, e.g.
+    {'relational.num_views': 8}) lowered for its replicated state and a batch of
+    `inputs.pretrain_batch_shapes`; allocates nothing. `state`: the run's own state,
+    whose shapes the step without overrides takes (with overrides, those of a fresh one)."""
+    if overrides:
+        config = config.copy_and_resolve_references()
+        for key, value in overrides.items():
+            *parents, last = key.split(".")
+            target = config
+            for part in parents:
+                target = target[part]
+            target[last] = value
+    objective, backbone, optimizer = make_objective(config, spec), make_backbone(config), make_optimizer(config, total_steps)
+    if overrides:
+        state = jax.eval_shape(lambda: _initial_state(config, spec, objective, backbone, optimizer, total_steps,
+                                                      num_examples))
+    devices = jax.local_device_count()
+    replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct((devices, *np.shape(x)), x.dtype), state)
+    batch = inputs.pretrain_batch_shapes(config, spec, process_count=jax.process_count(), local_device_count=devices,
+                                         labelled_alongside=labelled_alongside)
+    step = parallel_train_step(
+        backbone=backbone, optimizer=optimizer, objective=objective,
+        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
+    )
+    return step.lower(replicated, batch)
+
+
+def _searched_sizes(config: ml_collections.ConfigDict) -> list[memory.Size]:
+    """What the memory advice searches: K (for methods with `<method>.num_views`) and M."""
+    devices = jax.device_count()
+    sizes = []
+    method_fields = config.get(config.method)
+    if method_fields is not None and "num_views" in method_fields:
+        sizes.append(memory.Size("K", f"{config.method}.num_views", method_fields.num_views, minimum=2, degree=2))
+    sizes.append(memory.Size("M", "batch_size", config.batch_size, minimum=2 * devices, step=devices))
+    return sizes
 
 
 def _epoch_hook(
