@@ -84,10 +84,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """`config.optimizer.name` or the method's default: Adam (AdamW when weight_decay >
-    0), or SGD with momentum (and L2 weight decay)."""
+    0), SGD with momentum (and L2 weight decay), or LARS (You et al., 2017: SGD with
+    momentum whose step of each weight matrix or kernel is scaled by 0.001 |w| / |g|;
+    biases and BatchNorm parameters, the 1-D leaves, take plain steps without weight
+    decay, as the BYOL and Barlow Twins recipes)."""
     opt = config.optimizer
     learning_rate = learning_rate_schedule(config, total_steps)
     name = opt.name or get_objective(config.method).optimizer.name
+    if name == "lars":
+        def matrices(params):
+            return jax.tree.map(lambda x: x.ndim > 1, params)
+
+        return optax.lars(learning_rate, weight_decay=opt.weight_decay, weight_decay_mask=matrices,
+                          trust_ratio_mask=matrices, momentum=opt.momentum)
     if name == "sgd":
         return optax.chain(
             optax.add_decayed_weights(opt.weight_decay),

@@ -321,3 +321,21 @@ def test_crashed_dino_run_resumes_bitwise_with_teacher_centre_and_monitors(tmp_p
     monitored = [line for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
                  if "knn_top1" in line or "online_probe_top1" in line]
     assert monitored and all("NaN" not in line for line in monitored)
+
+
+# ------------------------------------------------------------------ LARS
+
+
+def test_lars_scales_matrix_steps_by_the_trust_ratio_and_leaves_biases_plain():
+    config = base_config()
+    config.optimizer.update(name="lars", learning_rate=0.5, weight_decay=0.1, momentum=0.9)
+    validate_config(config, device_count=8)
+    optimizer = train.make_optimizer(config, total_steps=10)
+    params = {"kernel": jnp.asarray(normal(13, 3, 2), jnp.float32), "bias": jnp.asarray(normal(14, 2), jnp.float32)}
+    grads = {"kernel": jnp.asarray(normal(15, 3, 2), jnp.float32), "bias": jnp.asarray(normal(16, 2), jnp.float32)}
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    w, g = np.asarray(params["kernel"], np.float64), np.asarray(grads["kernel"], np.float64)
+    decayed = g + 0.1 * w  # L2 weight decay on the matrix only
+    expected_kernel = -0.5 * 0.001 * np.linalg.norm(w) / np.linalg.norm(decayed) * decayed
+    np.testing.assert_allclose(updates["kernel"], expected_kernel, rtol=1e-5)
+    np.testing.assert_allclose(updates["bias"], -0.5 * np.asarray(grads["bias"]), rtol=1e-6)
