@@ -113,6 +113,8 @@ class BatchNorm(nn.Module):
       dtype: dtype of the output (default: x's and the parameters' promoted); the
         statistics and the normalisation are computed in float32 or wider regardless.
       param_dtype: dtype of scale and bias.
+      use_scale, use_bias: learn a scale and a bias (False: 1 and 0, no parameter; both
+        False is PyTorch's affine=False).
     """
 
     use_running_average: bool | None = None
@@ -121,6 +123,8 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -131,8 +135,10 @@ class BatchNorm(nn.Module):
         stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), stats_dtype)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), stats_dtype)
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        scale = (self.param("scale", nn.initializers.ones, (channels,), self.param_dtype) if self.use_scale
+                 else jnp.ones((channels,), self.param_dtype))
+        bias = (self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype) if self.use_bias
+                else jnp.zeros((channels,), self.param_dtype))
         dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
 
         if use_running_average:

@@ -21,7 +21,7 @@ from rr_jax.errors import ConfigError
 from rr_jax.inputs import STREAMING
 from rr_jax.objectives import OBJECTIVES, config_error, get_objective
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "lars")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "multistep")
 
@@ -77,11 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     # constant for most self-supervised methods (the paper), 1e-4 for 'deepinfomax',
     # SGD 0.1 momentum 0.9 with x0.1 at 50% and 75% of training for 'supervised'.
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = config_dict.placeholder(str)  # 'adam' or 'sgd'
+    config.optimizer.name = config_dict.placeholder(str)  # 'adam', 'sgd' or 'lars'
     config.optimizer.learning_rate = config_dict.placeholder(float)
     config.optimizer.schedule = config_dict.placeholder(str)  # 'constant', 'cosine', 'multistep'
-    config.optimizer.momentum = 0.9  # SGD only
-    config.optimizer.weight_decay = 0.0  # AdamW (decoupled) or SGD's L2 when > 0
+    config.optimizer.momentum = 0.9  # SGD and LARS
+    config.optimizer.weight_decay = 0.0  # AdamW (decoupled), SGD's or LARS's L2 when > 0
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000

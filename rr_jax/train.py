@@ -46,7 +46,8 @@ class TrainState:
     params / batch_stats: {'backbone': ..., 'head': ...}; rng: uint32 key data of the
     run's base key (step keys are derived from it and the step, so a resumed run draws
     exactly the keys an uninterrupted one would); objective_state: what the objective
-    carries between steps ({} for most; DeepCluster's clusters); online_probe: the online
+    carries between steps ({} for most; DeepCluster's clusters; a momentum teacher's
+    parameters and BatchNorm statistics); online_probe: the online
     linear probe's params and optimizer state (`rr_jax.online_probe`), None when it is off.
     """
 
@@ -59,9 +60,10 @@ class TrainState:
     online_probe: online_probe.OnlineProbeState | None = None
 
 
-def make_objective(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> Objective:
-    """The objective of `config.method` with its options from the config."""
-    return get_objective(config.method).from_config(config, spec)
+def make_objective(config: ml_collections.ConfigDict, spec: data.DatasetSpec, total_steps: int = 0) -> Objective:
+    """The objective of `config.method` with its options from the config, for a run of
+    `total_steps` steps (schedules over the run, e.g. a teacher's momentum)."""
+    return get_objective(config.method).from_config(config, spec).for_run(total_steps)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -82,10 +84,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """`config.optimizer.name` or the method's default: Adam (AdamW when weight_decay >
-    0), or SGD with momentum (and L2 weight decay)."""
+    0), SGD with momentum (and L2 weight decay), or LARS (You et al., 2017: SGD with
+    momentum whose step of each weight matrix or kernel is scaled by 0.001 |w| / |g|;
+    biases and BatchNorm parameters, the 1-D leaves, take plain steps without weight
+    decay, as the BYOL and Barlow Twins recipes)."""
     opt = config.optimizer
     learning_rate = learning_rate_schedule(config, total_steps)
     name = opt.name or get_objective(config.method).optimizer.name
+    if name == "lars":
+        def matrices(params):
+            return jax.tree.map(lambda x: x.ndim > 1, params)
+
+        return optax.lars(learning_rate, weight_decay=opt.weight_decay, weight_decay_mask=matrices,
+                          trust_ratio_mask=matrices, momentum=opt.momentum)
     if name == "sgd":
         return optax.chain(
             optax.add_decayed_weights(opt.weight_decay),
@@ -123,13 +134,15 @@ def create_train_state(
     )
     head_vars = objective.init_head(head_key, features, intermediates.get("intermediates", {}), num_classes)
     params = {"backbone": backbone_vars["params"], "head": head_vars["params"]}
+    batch_stats = {"backbone": backbone_vars["batch_stats"], "head": head_vars["batch_stats"]}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats={"backbone": backbone_vars["batch_stats"], "head": head_vars["batch_stats"]},
+        batch_stats=batch_stats,
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(run_key),
-        objective_state=objective.init_state(num_examples, num_classes),
+        objective_state=objective.init_state(num_examples, num_classes,
+                                             {"params": params, "batch_stats": batch_stats}),
     )
 
 
@@ -145,8 +158,10 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One pretraining step on {'image': uint8[B, H, W, C], 'label': int[B]}; pure.
 
-    The objective makes K views of each image on device; the backbone runs once on all
-    K*B views; the objective's loss scores them; an optimizer step follows. Under
+    The objective makes K views of each image on device; its `teacher` may run networks
+    no gradient reaches (a momentum teacher); the backbone runs once on all K*B views;
+    the objective's loss scores them; an optimizer step follows, then the objective's
+    `update_state` (the teacher's moving average). Under
     `axis_name`, gradients and BatchNorm statistics are averaged over devices and each
     device augments with its own key; the loss's key is shared when the objective asks
     for it (e.g. one derangement of the whole batch). Metrics are device means, except
@@ -164,6 +179,14 @@ def train_step(
             loss_key = jax.random.fold_in(loss_key, jax.lax.axis_index(axis_name))
     views, targets = objective.inputs(augment_key, batch, state.objective_state)
     num_views, batch_size = views.shape[:2]
+
+    def apply_backbone(variables, images):  # the backbone in training mode with other variables
+        features, updates = backbone.apply(variables, images.reshape(-1, *images.shape[2:]), train=True,
+                                           mutable=["batch_stats"])
+        return features.reshape(*images.shape[:2], -1), updates["batch_stats"]
+
+    targets, aux = objective.teacher(views, targets, state.objective_state, apply_backbone=apply_backbone,
+                                     axis_name=axis_name)
 
     def loss_fn(params):
         features, updates = backbone.apply(
@@ -189,11 +212,13 @@ def train_step(
         metrics = {k: (jax.lax.psum if k.startswith("num_") else jax.lax.pmean)(v, axis_name)
                    for k, v in metrics.items()}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
+        objective_state=objective.update_state(state.objective_state, aux, params, state.step),
     )
     if state.online_probe is not None:
         if probe_optimizer is None:
@@ -368,7 +393,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    objective = make_objective(config, spec)
+    objective = make_objective(config, spec, total_steps)
     if not objective.trains:  # random weights, the lower bound: the probe sees the initial weights
         total_steps = 0
     backbone = make_backbone(config)

@@ -194,7 +194,9 @@ def test_render_tables_from_results(tmp_path):
     accuracies = {"supervised": [0.90, 0.91, 0.92], "relational": [0.85, 0.86, 0.88],
                   "simclr": [0.84, 0.845, 0.85], "deepinfomax": [0.83, 0.835, 0.84],
                   "rotationnet": [0.82, 0.825, 0.83], "deepcluster": [0.815, 0.82, 0.81],
-                  "random": [0.80, 0.79, 0.81]}
+                  "random": [0.80, 0.79, 0.81], "byol": [0.86, 0.87, 0.875], "mocov3": [0.845, 0.85, 0.855],
+                  "dino": [0.78, 0.785, 0.79], "barlow_twins": [0.855, 0.86, 0.865], "vicreg": [0.83, 0.83, 0.84],
+                  "simsiam": [0.775, 0.78, 0.77]}
     assert set(study_runs.METHODS) == set(accuracies)
     depth = {("relational", "conv4"): 0.76, ("relational", "resnet8"): 0.79, ("simclr", "conv4"): 0.75,
              ("simclr", "resnet8"): 0.74}
@@ -218,11 +220,14 @@ def test_render_tables_from_results(tmp_path):
         expected = f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}"
         assert expected in text, method
     head = text.split("**Headline.**")[1].split("\n")[0]
-    order = ["supervised", "relational", "simclr", "deepinfomax", "rotationnet", "deepcluster", "random"]
+    order = ["supervised", "byol", "relational", "barlow_twins", "mocov3", "simclr", "deepinfomax", "vicreg",
+             "rotationnet", "deepcluster", "random", "dino", "simsiam"]
     assert [head.index(method) for method in order] == sorted(head.index(method) for method in order)
     table = text.split("## Main table")[1].split("##")[0]  # rows in the paper's order
     assert [table.index(f"| {method}") for method in study_runs.METHODS] == sorted(
         table.index(f"| {method}") for method in study_runs.METHODS)
+    assert ("Among all 13 methods at this budget, relational reasoning ranks 3rd by mean linear-probe top-1 (2nd of the"
+            " 11 self-supervised methods); ahead of it: supervised (+4.67 points), byol (+0.50 points).") in text
     # K=4 default 0.81; both head ablations (K=4) also 0.81 -> delta +0.00; rows labelled and ordered as in the paper
     ablation = text.split("## Ablations")[1].split("##")[0]
     rows = ["| (a) relation head (default: cat, focal, derangement) | 81.00 | 80.00 | 60.00 | - |",
@@ -255,7 +260,7 @@ def test_render_tables_from_results(tmp_path):
     retrieval = text.split("## Retrieval")[1].split("##")[0]
     assert "precision@10 (70.00%) is above RotationNet's (65.00%)" in retrieval and "result agrees." in retrieval
     tsne = text.split("## t-SNE of every method")[1].split("##")[0]
-    assert "relational separates the classes best of the 5 self-supervised methods" in tsne
+    assert "byol separates the classes best of the 11 self-supervised methods" in tsne and "trend disagrees" in tsne
     for figure in ("accuracy_vs_k", "accuracy_vs_labels", "depth", "retrieval_side_by_side", "tsne_methods"):
         assert (tmp_path / "results" / "figures" / f"{figure}.png").stat().st_size > 1000, figure
         assert f"figures/{figure}.png" in text
@@ -293,3 +298,10 @@ def test_ranking_sentence_names_where_the_order_departs_from_the_paper():
     results["rotationnet_0"]["probe_top1"] = 0.815
     assert "disagrees with the paper's where rotationnet (81.50) beats relational (81.00), rotationnet (81.50) beats simclr" \
         in report.ranking_sentence(results)
+    assert report.standing_sentence(results) == (
+        "Among all 4 methods at this budget, relational reasoning ranks 3rd by mean linear-probe top-1 (2nd of the 3"
+        " self-supervised methods); ahead of it: supervised (+3.00 points), rotationnet (+0.50 points).")
+    del results["supervised_0"], results["rotationnet_0"]
+    assert report.standing_sentence(results).endswith("ranks 1st by mean linear-probe top-1 (1st of the 2 self-supervised"
+                                                     " methods); no method is ahead of it.")
+    assert report.standing_sentence({"r": result("relational", 0, 0.8)}) == ""

@@ -4,8 +4,10 @@ An objective says everything that differs between methods: how many views of eac
 a step uses and how they are augmented, the parameters it adds on top of the backbone
 (its "head") and how they are created, its loss on one device's batch, its optimizer
 defaults, its config fields and their validation, and any state it carries between
-steps. `rr_jax.train` (the step, the state, the loop), `rr_jax.config` and
-`rr_jax.study` read the registry and name no method.
+steps (a momentum teacher, for one: `teacher` applies it before the loss and
+`update_state` moves it after the optimizer update, inside the pure step).
+`rr_jax.train` (the step, the state, the loop), `rr_jax.config` and `rr_jax.study` read
+the registry and name no method.
 
 Adding a method is one new module with a subclass of `Objective` and one line in
 `OBJECTIVES` below (see README, "Adding an objective").
@@ -95,6 +97,11 @@ class Objective:
         """The objective of a validated config on the dataset of `spec`."""
         return cls(num_views=cls.views(config), augment=cls.augment_config(config, spec))
 
+    def for_run(self, total_steps: int) -> Objective:
+        """The objective of a run of `total_steps` optimizer steps, for schedules over the
+        run (a teacher's momentum); most objectives have none and return themselves."""
+        return self
+
     # ------------------------------------------------------------------ the step
 
     @property
@@ -116,9 +123,32 @@ class Objective:
         (and the captured intermediates' shapes)."""
         raise NotImplementedError
 
-    def init_state(self, num_examples: int, num_classes: int) -> Any:
-        """State carried between steps (a pytree; saved with the train state)."""
+    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> Any:
+        """State carried between steps (a pytree; saved with the train state).
+
+        variables: the initial {'params': {'backbone', 'head'}, 'batch_stats': {'backbone',
+        'head'}} of the train state (a momentum teacher starts as their copy).
+        """
         return {}
+
+    def teacher(self, views: jax.Array, targets: Any, objective_state: Any, *,
+                apply_backbone: Callable[[Variables, jax.Array], tuple[jax.Array, Any]],
+                axis_name: str | None) -> tuple[Any, Any]:
+        """The step's work before the loss that no gradient flows through, e.g. a momentum
+        teacher's outputs on the views: (the loss's targets, aux for `update_state`).
+
+        views: float[K, B, H, W, C] and targets as `inputs` returns them;
+        apply_backbone(variables, views) -> (features float[K, B, D], new batch_stats):
+        the backbone in training mode (batch statistics, across devices under
+        `axis_name`) with any variables {'params', 'batch_stats'}.
+        """
+        return targets, None
+
+    def update_state(self, objective_state: Any, aux: Any, params: Any, step: jax.Array) -> Any:
+        """The objective state after the optimizer update of step `step` (0 for the first
+        step of a run): `params` are the updated parameters {'backbone', 'head'}, `aux`
+        what `teacher` returned. Pure (it runs inside the pmapped step)."""
+        return objective_state
 
     def loss(self, features: jax.Array, head_variables: Variables, key: jax.Array, targets: jax.Array, *,
              intermediates: Any, objective_state: Any, axis_name: str | None
@@ -144,18 +174,25 @@ class Objective:
         return f"{self.name}, K={self.num_views} views"
 
 
+from rr_jax.objectives.barlow_twins import BarlowTwins  # noqa: E402
+from rr_jax.objectives.byol import BYOL  # noqa: E402
 from rr_jax.objectives.deepcluster import DeepCluster  # noqa: E402
 from rr_jax.objectives.deepinfomax import DeepInfoMax  # noqa: E402
+from rr_jax.objectives.dino import DINO  # noqa: E402
+from rr_jax.objectives.mocov3 import MoCoV3  # noqa: E402
 from rr_jax.objectives.random_weights import RandomWeights  # noqa: E402
 from rr_jax.objectives.relational import Relational  # noqa: E402
 from rr_jax.objectives.rotationnet import RotationNet  # noqa: E402
 from rr_jax.objectives.simclr import SimCLR  # noqa: E402
+from rr_jax.objectives.simsiam import SimSiam  # noqa: E402
 from rr_jax.objectives.supervised import Supervised  # noqa: E402
+from rr_jax.objectives.vicreg import VICReg  # noqa: E402
 
 OBJECTIVES: dict[str, type[Objective]] = {
     objective.name: objective
-    # The paper's main table, in its order.
-    for objective in (Supervised, RandomWeights, DeepCluster, RotationNet, DeepInfoMax, SimCLR, Relational)
+    # The paper's main table, in its order, then the methods compared against today.
+    for objective in (Supervised, RandomWeights, DeepCluster, RotationNet, DeepInfoMax, SimCLR, Relational,
+                      BYOL, MoCoV3, DINO, BarlowTwins, VICReg, SimSiam)
 }
 """Method name -> objective class."""
 

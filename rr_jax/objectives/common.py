@@ -1,17 +1,21 @@
 """Pieces several objectives share: the classification loss, PyTorch's default layer
-initialisation, and the official pipeline's RandomCrop(padding) + flip views."""
+initialisation, the official pipeline's RandomCrop(padding) + flip views, rows of the
+whole global batch, unit rows, and the checks of numeric method settings."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from rr_jax.augment import normalize, random_horizontal_flip
+from rr_jax.objectives import config_error
 
 # PyTorch's default kernel initialisation of nn.Linear / nn.Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -71,3 +75,34 @@ def crop_flip_views(key: jax.Array, images: jax.Array, num_views: int, config: C
     keys = jax.random.split(key, (num_views, images.shape[0]))
     per_image = jax.vmap(functools.partial(_crop_flip_image, config=config))
     return jax.vmap(per_image, in_axes=(0, None))(keys, images)
+
+
+def gather_batch(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """The rows of every device, in device order: x float[B, ...] -> float[devices * B, ...]
+    (x itself without `axis_name`). Gradients flow back to each device's own rows (the
+    transpose of the all-gather), so a loss of the global batch computed alike on every
+    device gets, averaged over devices, the single-device gradient."""
+    return x if axis_name is None else jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def unit_rows(x: jax.Array) -> jax.Array:
+    """Each row divided by its Euclidean norm (at least 1e-12), in float32. float[N, P] -> float32[N, P]."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def check_settings(method: str, settings: ml_collections.ConfigDict, *, positive_ints: Sequence[str] = (),
+                   positive: Sequence[str] = (), unit_interval: Sequence[str] = (),
+                   non_negative: Sequence[str] = ()) -> None:
+    """Raises `config_error` naming `config.<method>.<key>` for the first value out of its
+    range: a positive integer, a number > 0, in [0, 1], or >= 0."""
+    checks = [(positive_ints, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+               "it must be a positive integer"),
+              (positive, lambda v: v > 0, "it must be > 0"),
+              (unit_interval, lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+              (non_negative, lambda v: v >= 0, "it must be >= 0")]
+    for keys, ok, allowed in checks:
+        for key in keys:
+            value = settings[key]
+            if isinstance(value, str) or value is None or not ok(value):
+                raise config_error(f"{method}.{key}", value, allowed)

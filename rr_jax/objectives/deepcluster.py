@@ -185,7 +185,7 @@ class DeepCluster(Objective):
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return ClusterHead(self.num_clusters).init(key, jnp.zeros((2, features.shape[-1])), train=False)
 
-    def init_state(self, num_examples: int, num_classes: int) -> dict[str, jax.Array]:
+    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> dict[str, jax.Array]:
         return {"assignments": jnp.zeros(num_examples, jnp.int32),
                 "weights": jnp.ones(self.num_clusters, jnp.float32),
                 "epoch": jnp.array(-1, jnp.int32)}

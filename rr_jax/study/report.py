@@ -90,13 +90,19 @@ def main_table(results: dict[str, dict[str, Any]]) -> list[str]:
 PAPER_RANKING = (("relational",), ("simclr",), ("deepcluster", "rotationnet", "deepinfomax"))
 
 
-def ranking_sentence(results: dict[str, dict[str, Any]]) -> str:
-    """Our order of the methods by mean probe top-1, and where it agrees with the paper's."""
+def _main_means(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The mean probe top-1 over the seeds of each method of the main table, in METHODS order."""
     means = {}
     for method in METHODS:
         runs = [r["probe_top1"] for r in main_runs(results, method)]
         if runs:
             means[method] = statistics.mean(runs)
+    return means
+
+
+def ranking_sentence(results: dict[str, dict[str, Any]]) -> str:
+    """Our order of the methods by mean probe top-1, and where it agrees with the paper's."""
+    means = _main_means(results)
     order = sorted(means, key=means.get, reverse=True)
     ours = " > ".join(f"{m} {100 * means[m]:.2f}" for m in order)
     tiers = [[m for m in tier if m in means] for tier in PAPER_RANKING]
@@ -107,6 +113,25 @@ def ranking_sentence(results: dict[str, dict[str, Any]]) -> str:
                if not swaps else "disagrees with the paper's where "
                + ", ".join(f"{lo} ({100 * means[lo]:.2f}) beats {hi} ({100 * means[hi]:.2f})" for hi, lo in swaps))
     return f"Our order by mean linear-probe top-1: {ours}. The order of the self-supervised methods {verdict}."
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def standing_sentence(results: dict[str, dict[str, Any]]) -> str:
+    """Where relational reasoning stands among every method of the main table by mean probe
+    top-1, and the methods ahead of it with their gaps; '' until it and another are done."""
+    means = _main_means(results)
+    if "relational" not in means or len(means) < 2:
+        return ""
+    order = sorted(means, key=means.get, reverse=True)
+    rank = order.index("relational") + 1
+    rivals = [m for m in order if m in SELF_SUPERVISED]
+    ahead = ", ".join(f"{m} ({100 * (means[m] - means['relational']):+.2f} points)" for m in order[:rank - 1])
+    return (f"Among all {len(order)} methods at this budget, relational reasoning ranks {_ordinal(rank)} by mean"
+            f" linear-probe top-1 ({_ordinal(rivals.index('relational') + 1)} of the {len(rivals)} self-supervised"
+            f" methods); " + (f"ahead of it: {ahead}." if ahead else "no method is ahead of it."))
 
 
 def _default_relational(results: dict[str, dict[str, Any]], num_views: int) -> list[dict[str, Any]]:
@@ -347,7 +372,8 @@ def render(results_dir: str = RESULTS_DIR, output: str = "RESULTS.md") -> None:
     notes = os.path.join(results_dir, "notes.md")
     if os.path.exists(notes):
         lines += [open(notes).read().strip(), ""]
-    lines += ["## Main table", "", *main_table(results), "", ranking_sentence(results), ""]
+    lines += ["## Main table", "", *main_table(results), "", ranking_sentence(results), "",
+              standing_sentence(results), ""]
     if by_k:
         plot_accuracy_vs_views(os.path.join(figures, "accuracy_vs_k.png"),
                                {k: {key: [r[key] for r in runs] for key in ("probe_top1", "knn_top1")}
