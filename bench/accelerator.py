@@ -6,7 +6,7 @@
 Per case (backbone:K:dataset) and float32: the pmapped step (steps.whole_step)
 on 1 device with M = batch images and on all local devices with M = batch per device
 (weak scaling; efficiency = views/s on n devices / (n * views/s on 1)); the host input
-pipeline's rate (rr_jax.data.batches + prefetch_to_devices on uint8 images in memory,
+pipeline's rate (rr_jax.batching.batches + prefetch_to_devices on uint8 images in memory,
 images/s) against the images/s the n-device step consumes; and, when torch sees a CUDA
 device, the official PyTorch step (bench/official_torch.py, its DataLoader with
 `workers` processes) on that device, against our 1-device step. Medians of `repeats`.
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from steps import feature_size, whole_step  # noqa: E402
 from timing import compile_and_time, median_ms, wall_ms  # noqa: E402
 
-from rr_jax import data  # noqa: E402
+from rr_jax import batching, datasets  # noqa: E402
 
 
 def step_ms(backbone: str, views: int, dataset: str, batch: int, devices: int, repeats: int) -> float:
@@ -35,12 +35,12 @@ def step_ms(backbone: str, views: int, dataset: str, batch: int, devices: int, r
 
 def host_images_per_s(dataset: str, batch: int, devices: int, steps: int = 50) -> float:
     """Images per second the host pipeline delivers onto the devices (nothing consumes them)."""
-    shape = data.get_dataset_spec(dataset).image_shape
+    shape = datasets.get_dataset_spec(dataset).image_shape
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (max(20 * batch, 1024), *shape), np.uint8)
     labels = np.zeros(len(images), np.int32)
-    stream = data.prefetch_to_devices(
-        data.batches(images, labels, global_batch_size=batch, seed=0, local_device_count=devices),
+    stream = batching.prefetch_to_devices(
+        batching.batches(images, labels, global_batch_size=batch, seed=0, local_device_count=devices),
         devices=jax.local_devices()[:devices],
     )
 
@@ -62,7 +62,7 @@ def official_ms(backbone: str, views: int, dataset: str, batch: int, workers: in
 
     if not torch.cuda.is_available() or backbone not in TORCH_MODELS:
         return None
-    spec = data.get_dataset_spec(dataset)
+    spec = datasets.get_dataset_spec(dataset)
     images = np.random.default_rng(0).integers(0, 256, (8 * batch, *spec.image_shape), np.uint8)
     step = official_step(TORCH_MODELS[backbone](), feature_size(backbone, spec.image_shape), images, views,
                          spec.mean, spec.std, batch=batch, workers=workers, device="cuda")

@@ -23,7 +23,7 @@ from timing import compiled, times_ms  # noqa: E402
 
 from rr_jax.augment import augment_views  # noqa: E402
 from rr_jax.backbones import create_backbone  # noqa: E402
-from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.datasets import get_dataset_spec  # noqa: E402
 
 CIFAR10 = get_dataset_spec("cifar10")
 

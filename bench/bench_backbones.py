@@ -50,7 +50,7 @@ from rr_jax import backbones  # noqa: E402
 from rr_jax.augment import augment_views  # noqa: E402
 from rr_jax.backbones import create_backbone  # noqa: E402
 from rr_jax.batch_norm import BatchNorm  # noqa: E402
-from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.datasets import get_dataset_spec  # noqa: E402
 
 # XLA:CPU (jaxlib 0.10) hands convolutions, reductions and elementwise ops to YNNPACK
 # fusions by default; an empty fusion-type list turns them off (see BENCHMARKS.md).

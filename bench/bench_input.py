@@ -7,11 +7,11 @@ For each size N, a class_folders tree of N 64x64 JPEG files (200 classes; smooth
 images: 8x8 noise upsampled, so that files are ~2 KB like tiny-ImageNet's) is generated
 once and prepared into ArrayRecord (`image_folder.prepare_split`, timed). Then, each in
 a fresh process so that its peak resident memory is its own:
-  stream: `streaming.stream_batches` over `data.record_source`, M = 64, `--threads` read
+  stream: `streaming.stream_batches` over `sources.record_source`, M = 64, `--threads` read
     threads, 8 steps prefetched; images/s over `--steps` steps, median of `--repeats`
     windows (after one warm-up window);
-  memory: `data.load_split` of the same split (the same decode on `--threads` threads),
-    its images/s, then `data.batches` over the array, timed like stream.
+  memory: `sources.load_split` of the same split (the same decode on `--threads` threads),
+    its images/s, then `batching.batches` over the array, timed like stream.
 Peak RSS is the process's ru_maxrss; "baseline" is the RSS after imports, before reading.
 Last, what training consumes: the pmapped pretraining step (conv4, K=32, M=64 on 64x64
 images, compiled with launch.py's XLA:CPU flags) timed as in bench_pipeline, and M / step
@@ -77,9 +77,9 @@ def generate_tree(root: str, size: int) -> str:
 
 
 def _spec(tree: str):
-    from rr_jax import data
+    from rr_jax import datasets
 
-    return data.get_dataset_spec("image_folder", image_folder=tree)
+    return datasets.get_dataset_spec("image_folder", image_folder=tree)
 
 
 def _timed_windows(batches, steps: int, repeats: int) -> float:
@@ -94,20 +94,20 @@ def _timed_windows(batches, steps: int, repeats: int) -> float:
 
 def measure(mode: str, tree: str, cache: str, threads: int, steps: int, repeats: int) -> dict:
     """One measurement in this process: 'stream' or 'memory'."""
-    from rr_jax import data, streaming
+    from rr_jax import batching, sources, streaming
 
     spec = _spec(tree)
     baseline = _rss_mib()
     result = {"baseline_mib": baseline}
     if mode == "stream":
-        source = data.record_source(spec, "train", cache)
+        source = sources.record_source(spec, "train", cache)
         batches = streaming.stream_batches(source, global_batch_size=BATCH, seed=0, read_threads=threads,
                                            prefetch_steps=8)
     else:
         start = time.perf_counter()
-        images, labels = data.load_split(spec, "train", cache, read_threads=threads)
+        images, labels = sources.load_split(spec, "train", cache, read_threads=threads)
         result["load_images_per_s"] = len(labels) / (time.perf_counter() - start)
-        batches = data.batches(images, labels, global_batch_size=BATCH, seed=0)
+        batches = batching.batches(images, labels, global_batch_size=BATCH, seed=0)
     result["images_per_s"] = _timed_windows(batches, steps, repeats)
     result["peak_mib"] = _peak_mib()
     return result

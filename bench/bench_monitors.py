@@ -29,9 +29,11 @@ import numpy as np  # noqa: E402
 from timing import interleaved, median_ms  # noqa: E402
 
 from configs import study_fashion_mnist  # noqa: E402
-from rr_jax import data, online_probe, train  # noqa: E402
+from rr_jax import batching, datasets, online_probe  # noqa: E402
 from rr_jax.features import feature_dim  # noqa: E402
 from rr_jax.monitors import Monitors  # noqa: E402
+from rr_jax.optimizer import make_optimizer  # noqa: E402
+from rr_jax.step import create_train_state, make_backbone, make_objective, parallel_train_step, replicate  # noqa: E402
 
 
 def main():
@@ -41,30 +43,30 @@ def main():
     args = parser.parse_args()
     config = study_fashion_mnist.get_config()
     config.online_probe.every_steps = config.knn_monitor.every_steps = args.every
-    spec = data.get_dataset_spec(config.dataset)
+    spec = datasets.get_dataset_spec(config.dataset)
     devices = jax.local_device_count()
 
-    backbone = train.make_backbone(config)
-    optimizer = train.make_optimizer(config, total_steps=1)
-    total_steps = data.steps_per_epoch(60000, config.batch_size) * config.num_epochs  # the study run's 937
+    backbone = make_backbone(config)
+    optimizer = make_optimizer(config, total_steps=1)
+    total_steps = batching.steps_per_epoch(60000, config.batch_size) * config.num_epochs  # the study run's 937
     probe_optimizer = online_probe.make_optimizer(config.online_probe.learning_rate, total_steps)
-    objective = train.make_objective(config, spec)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape, objective=objective)
+    objective = make_objective(config, spec)
+    state = create_train_state(jax.random.key(0), backbone, optimizer, spec.image_shape, objective=objective)
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
     probe = online_probe.init(jax.random.key(1), feature_dim(backbone, variables, spec.image_shape),
                               spec.num_classes, probe_optimizer)
-    step = jax.jit(train.parallel_train_step(
+    step = jax.jit(parallel_train_step(
         backbone=backbone, optimizer=optimizer, objective=objective, probe_optimizer=probe_optimizer, donate=False,
     ))
     rng = np.random.default_rng(0)
     local = config.batch_size // devices
     batch = {"image": rng.integers(0, 256, (devices, local, *spec.image_shape), np.uint8),
              "label": rng.integers(0, spec.num_classes, (devices, local), np.int32)}
-    states = {"off": train.replicate(state), "on": train.replicate(state.replace(online_probe=probe))}
+    states = {"off": replicate(state), "on": replicate(state.replace(online_probe=probe))}
     runs = {name: (lambda s=replicated: jax.block_until_ready(step(s, batch))) for name, replicated in states.items()}
     step_ms, _ = interleaved(runs, args.repeats)  # the warm-up round compiles
 
-    monitors = Monitors(config, spec, train.make_backbone(config, axis_name=None))
+    monitors = Monitors(config, spec, make_backbone(config, axis_name=None))
     evaluations = max(3, args.repeats // 10)
     evaluation_ms = median_ms(lambda: monitors(args.every, variables, probe), evaluations)  # the warm-up compiles
 

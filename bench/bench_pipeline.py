@@ -49,9 +49,9 @@ from steps import (  # noqa: E402
 from timing import compile_and_time, compile_fn, compiled, interleaved  # noqa: E402
 
 import rr_jax  # noqa: E402
-from rr_jax import train  # noqa: E402
 from rr_jax.backbones import create_backbone  # noqa: E402
-from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.datasets import get_dataset_spec  # noqa: E402
+from rr_jax.optimizer import make_optimizer  # noqa: E402
 from rr_jax.xla_flags import CPU_DEFAULTS  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def breakdown_rows(backbones: list[str], views_list: list[int], repeats: int) ->
             params, stats = jax.tree.map(lambda x: x[0], (state.params, state.batch_stats))
             images = jax.numpy.asarray(batch["image"].reshape(-1, *spec.image_shape))
             embeddings = jax.random.normal(jax.random.key(1), (views, BATCH, feature_size(name, spec.image_shape)))
-            optimizer = train.make_optimizer(pretraining_config(name, views), total_steps=1)
+            optimizer = make_optimizer(pretraining_config(name, views), total_steps=1)
             views_array = jax.jit(lambda key: rr_jax.augment_views(key, images, views, augment))(
                 jax.random.key(0)).reshape(-1, *spec.image_shape)
             parts = {

@@ -31,7 +31,7 @@ from timing import median_ms, wall_ms  # noqa: E402
 from rr_jax import linear_probe  # noqa: E402
 from rr_jax.augment import normalize_images  # noqa: E402
 from rr_jax.backbones import create_backbone  # noqa: E402
-from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.datasets import get_dataset_spec  # noqa: E402
 from rr_jax.features import extract_features  # noqa: E402
 from rr_jax.online_probe import LinearHead  # noqa: E402
 

@@ -22,7 +22,7 @@ from steps import BATCH, backbone_step, head_grad  # noqa: E402
 from timing import compile_and_time, temp_mib  # noqa: E402
 
 import rr_jax  # noqa: E402
-from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.datasets import get_dataset_spec  # noqa: E402
 
 
 def main():

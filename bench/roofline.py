@@ -27,7 +27,7 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 import jax  # noqa: E402
 from steps import BATCH, whole_step  # noqa: E402
 
-from rr_jax.data import get_dataset_spec  # noqa: E402
+from rr_jax.datasets import get_dataset_spec  # noqa: E402
 from rr_jax.xla_flags import CPU_DEFAULTS  # noqa: E402
 
 # Dense peak figures from the vendors' datasheets (no sparsity): FLOP/s for float32 and

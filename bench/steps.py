@@ -15,12 +15,13 @@ import ml_collections
 import numpy as np
 
 import rr_jax
-from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import create_backbone
 from rr_jax.config import base_config
-from rr_jax.data import get_dataset_spec
+from rr_jax.datasets import get_dataset_spec
 from rr_jax.features import feature_dim
+from rr_jax.optimizer import make_optimizer
+from rr_jax.step import AXIS, create_train_state, make_backbone, make_objective, parallel_train_step, replicate
 
 BATCH = base_config().batch_size  # M, images per step as launch.py runs by default (64)
 
@@ -40,7 +41,7 @@ def pretraining_config(backbone: str = "conv4", views: int | None = None, *, dat
 
 def augment_config(dataset: str = "cifar10") -> AugmentConfig:
     """The pretraining objective's view augmentation on `dataset` (its statistics)."""
-    return train.make_objective(pretraining_config(dataset=dataset), get_dataset_spec(dataset)).augment
+    return make_objective(pretraining_config(dataset=dataset), get_dataset_spec(dataset)).augment
 
 
 def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: str = "float32",
@@ -54,18 +55,18 @@ def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: st
     spec = get_dataset_spec(dataset)
     devices = devices or jax.local_device_count()
     config = pretraining_config(backbone, views, dataset=dataset, dtype=dtype, head=head)
-    model = train.make_backbone(config)
-    optimizer = train.make_optimizer(config, total_steps=1)
-    objective = train.make_objective(config, spec)
-    state = train.replicate(train.create_train_state(jax.random.key(0), model, optimizer, spec.image_shape,
+    model = make_backbone(config)
+    optimizer = make_optimizer(config, total_steps=1)
+    objective = make_objective(config, spec)
+    state = replicate(create_train_state(jax.random.key(0), model, optimizer, spec.image_shape,
                                                      objective=objective))
     if devices < jax.local_device_count():
-        # train.replicate places on every local device; pmap over an axis of size n
+        # replicate places on every local device; pmap over an axis of size n
         # runs on the first n, so the first n copies are placed there as it expects.
-        mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:devices]), (train.AXIS,))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
+        mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:devices]), (AXIS,))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
         state = jax.tree.map(lambda x: jax.device_put(x[:devices], sharding), state)
-    step = train.parallel_train_step(backbone=model, optimizer=optimizer, objective=objective, donate=False)
+    step = parallel_train_step(backbone=model, optimizer=optimizer, objective=objective, donate=False)
     rng = np.random.default_rng(0)
     images = {"image": rng.integers(0, 256, (devices, batch // devices, *spec.image_shape), np.uint8),
               "label": rng.integers(0, spec.num_classes, (devices, batch // devices), np.int32)}

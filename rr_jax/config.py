@@ -13,10 +13,10 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from rr_jax import data, image_folder
+from rr_jax import datasets, image_folder
 from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
-from rr_jax.data import DATASETS
+from rr_jax.datasets import DATASETS
 from rr_jax.errors import ConfigError
 from rr_jax.inputs import STREAMING
 from rr_jax.objectives import OBJECTIVES, config_error, get_objective
@@ -210,7 +210,7 @@ def validate_config(
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config.augment is not allowed: {error}") from None
     split = config.pretrain_split or next(iter(DATASETS[config.dataset].values())).pretrain_split
-    if objective.needs_labels and not data.has_labels(split):
+    if objective.needs_labels and not datasets.has_labels(split):
         _fail("method", config.method,
               f"it trains on labels, and the pretraining split {split!r} has none; "
               "set config.pretrain_split to a labelled split (e.g. 'train')")

@@ -40,7 +40,7 @@ from flax import traverse_util
 from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
 from rr_jax.config import base_config
-from rr_jax.data import DATASETS, get_dataset_spec
+from rr_jax.datasets import DATASETS, get_dataset_spec
 from rr_jax.errors import InputFileError, exit_cleanly_on_user_errors
 from rr_jax.relational import AGGREGATIONS, init_relation_head
 

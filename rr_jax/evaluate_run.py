@@ -28,8 +28,8 @@ from absl import app, flags, logging
 
 from rr_jax.run_dir import quiet_native_logs
 
-quiet_native_logs()  # before rr_jax.data imports TensorFlow
-from rr_jax import data  # noqa: E402
+quiet_native_logs()  # before rr_jax.sources imports TensorFlow
+from rr_jax import sources  # noqa: E402
 from rr_jax.evaluate import knn_accuracy, nearest_neighbours, precision_at_k, rankme  # noqa: E402
 from rr_jax.features import extract_features, restore_with_data  # noqa: E402
 from rr_jax.plots import plot_curves, plot_retrieval, plot_tsne  # noqa: E402
@@ -122,7 +122,7 @@ def evaluate_run(
         points = rng.choice(len(test_labels), min(tsne_points, len(test_labels)), replace=False)
         perplexity = min(30.0, (len(points) - 1) / 3.5)  # t-SNE needs N > 3 * perplexity
         embedding = np.asarray(tsne(features[1][points], perplexity=perplexity))
-        class_names = data.class_names(spec, data_dir)
+        class_names = sources.class_names(spec, data_dir)
         plot_tsne(os.path.join(workdir, "tsne.png"), embedding, test_labels[points], class_names)
         if jax.process_index() == 0:
             np.savez_compressed(os.path.join(workdir, "retrieval.npz"), **retrieval)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rr_jax import data, inputs
+from rr_jax import datasets, inputs, sources
 from rr_jax.augment import normalize_images
 from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -130,7 +130,7 @@ class LabelledSplits:
 
 
 def load_labelled_splits(
-    spec: data.DatasetSpec,
+    spec: datasets.DatasetSpec,
     data_dir: str | None = None,
     *,
     num_train: int | None = None,
@@ -138,8 +138,8 @@ def load_labelled_splits(
 ) -> LabelledSplits:
     """`spec.train_split` and `spec.test_split`, cut to their first `num_train` and
     `num_test` examples (None: all)."""
-    train_images, train_labels = data.load_split(spec, spec.train_split, data_dir)
-    test_images, test_labels = data.load_split(spec, spec.test_split, data_dir)
+    train_images, train_labels = sources.load_split(spec, spec.train_split, data_dir)
+    test_images, test_labels = sources.load_split(spec, spec.test_split, data_dir)
     return LabelledSplits(
         train_images[:num_train], train_labels[:num_train], test_images[:num_test], test_labels[:num_test]
     )
@@ -158,7 +158,7 @@ class Evaluation:
     """
 
     restored: RestoredBackbone
-    spec: data.DatasetSpec
+    spec: datasets.DatasetSpec
     inputs: ml_collections.ConfigDict
 
 
@@ -208,7 +208,7 @@ def restore_with_data(
     dataset: str | None = None,
     label_space: str | None = None,
     data_dir: str | None = None,
-) -> tuple[RestoredBackbone, data.DatasetSpec, LabelledSplits]:
+) -> tuple[RestoredBackbone, datasets.DatasetSpec, LabelledSplits]:
     """What an evaluation of a workdir's backbone that needs the images starts from: the
     restored backbone, the spec of the dataset to evaluate on and its labelled splits
     in memory.

@@ -29,7 +29,6 @@ import struct
 import numpy as np
 import tqdm
 from absl import logging
-from array_record.python import array_record_data_source, array_record_module
 from PIL import Image
 
 from rr_jax.errors import DatasetContentError, DatasetNotFoundError
@@ -225,6 +224,8 @@ def prepare_split(root: str, layout: str, split: str, cache_dir: str) -> Prepare
                 return prepared
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.incomplete-{os.getpid()}"
+    from array_record.python import array_record_module  # preparing and reading only: describing a tree needs none
+
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     try:
         for file, label in zip(tqdm.tqdm(files, desc=f"Preparing {layout} {split}", unit="img"), labels):
@@ -260,6 +261,8 @@ class FolderSource:
     thread. Safe to call from several threads."""
 
     def __init__(self, prepared: PreparedSplit, image_shape: tuple[int, int, int]):
+        from array_record.python import array_record_data_source
+
         self._records = array_record_data_source.ArrayRecordDataSource([prepared.path])
         self._shape = tuple(image_shape)
         self._path = prepared.path

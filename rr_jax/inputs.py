@@ -1,11 +1,11 @@
 """The input of a run, from its config: the dataset spec, and batches in memory or streamed.
 
 `config.data.streaming` chooses the source: 'memory' loads the split into every process
-(`data.load_split`), 'stream' reads it by random access with Grain
+(`sources.load_split`), 'stream' reads it by random access with Grain
 (`streaming.stream_batches`), 'auto' streams a split whose decoded images exceed
 `config.data.in_memory_limit_mib` where it can be read by random access (image folders,
 TFDS datasets prepared as ArrayRecord) and holds it in memory otherwise. Both give the
-same batch at every step (`data.batch_indices`).
+same batch at every step (`batching.batch_indices`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rr_jax import data, image_folder, streaming
+from rr_jax import batching, datasets, image_folder, sources, streaming
 from rr_jax.objectives import config_error
 
 STREAMING = ("auto", "stream", "memory")
@@ -27,20 +27,20 @@ STREAMING = ("auto", "stream", "memory")
 
 def dataset_spec(
     config: Mapping[str, Any], dataset: str | None = None, label_space: str | None = None
-) -> data.DatasetSpec:
+) -> datasets.DatasetSpec:
     """The spec of `dataset` (default `config.dataset`) in `label_space` (default: the
     first) with the config's image folder, image size (`data.image_size`: square side)
     and normalisation (`data.mean`, `data.std`) where set; an image folder's class count
     is that of its tree, and an image folder without a test split holds one out of its
-    train split (`data.Holdout` of `probe.holdout_fraction` and `probe.holdout_seed`;
+    train split (`datasets.Holdout` of `probe.holdout_fraction` and `probe.holdout_seed`;
     none where the fraction is 0 or, in configs saved before these fields, absent).
     `config` is a ConfigDict or a saved config dict (config.json, the checkpoint's); its
     settings apply to its own dataset only. Pretraining and every later evaluation call
     this on the same config, so they agree on the held-out images."""
     name = dataset or config["dataset"]
-    if name not in data.DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; known: {sorted(data.DATASETS)}.")
-    default = next(iter(data.DATASETS[name].values()))
+    if name not in datasets.DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; known: {sorted(datasets.DATASETS)}.")
+    default = next(iter(datasets.DATASETS[name].values()))
     overrides = {}
     if name == config["dataset"]:
         settings = config.get("data") or {}
@@ -49,28 +49,28 @@ def dataset_spec(
             probe = config.get("probe") or {}
             fraction = probe.get("holdout_fraction")
             if root and fraction and not image_folder.has_split(root, default.folder_layout, default.test_split):
-                overrides["holdout"] = data.Holdout(fraction, probe.get("holdout_seed", 0))
-                overrides["test_split"] = data.HELD_OUT_SPLIT
+                overrides["holdout"] = datasets.Holdout(fraction, probe.get("holdout_seed", 0))
+                overrides["test_split"] = datasets.HELD_OUT_SPLIT
         if settings.get("image_size") is not None:
             side = settings["image_size"]
             overrides["image_shape"] = (side, side, default.image_shape[2])
         for key in ("mean", "std"):
             if settings.get(key) is not None:
                 overrides[key] = tuple(settings[key])
-    return data.get_dataset_spec(name, label_space, **overrides)
+    return datasets.get_dataset_spec(name, label_space, **overrides)
 
 
-def streams(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str) -> bool:
+def streams(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, split: str) -> bool:
     """Whether `split` is streamed rather than loaded into memory (`config.data.streaming`)."""
     mode = config.data.streaming
     if mode not in STREAMING:
         raise ValueError(f"config.data.streaming={mode!r} is not allowed: use one of {list(STREAMING)}.")
     if mode != "auto":
         return mode == "stream"
-    mib = data.split_size(spec, split, config.data_dir) * math.prod(spec.image_shape) / 2**20
+    mib = sources.split_size(spec, split, config.data_dir) * math.prod(spec.image_shape) / 2**20
     if mib <= config.data.in_memory_limit_mib:
         return False
-    if data.supports_random_access(spec, config.data_dir):
+    if sources.supports_random_access(spec, config.data_dir):
         return True
     logging.warning(
         "%s split %r holds %.0f MiB of images, more than data.in_memory_limit_mib=%d, but is not "
@@ -82,7 +82,7 @@ def streams(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: st
 
 def pretrain_batches(
     config: ml_collections.ConfigDict,
-    spec: data.DatasetSpec,
+    spec: datasets.DatasetSpec,
     *,
     start_step: int,
     process_index: int,
@@ -94,7 +94,7 @@ def pretrain_batches(
     of `split` (default: the config's pretraining split).
 
     Yields {"image": uint8[L, B, H, W, C], "label": int32[L, B]}, B = M / (P * L),
-    M = config.batch_size; step s is the same batch either way (`data.batch_indices`).
+    M = config.batch_size; step s is the same batch either way (`batching.batch_indices`).
     """
     split = split or config.pretrain_split or spec.pretrain_split
     order = dict(global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
@@ -102,16 +102,16 @@ def pretrain_batches(
     if streams(config, spec, split):
         logging.info("Streaming %s split %r (%d read threads, %d steps prefetched).", spec.tfds_name, split,
                      config.data.read_threads, config.data.prefetch_steps)
-        source = data.record_source(spec, split, config.data_dir)
+        source = sources.record_source(spec, split, config.data_dir)
         return streaming.stream_batches(source, read_threads=config.data.read_threads,
                                         prefetch_steps=config.data.prefetch_steps, **order)
-    images, labels = data.load_split(spec, split, config.data_dir, read_threads=config.data.read_threads)
-    return data.batches(images, labels, **order)
+    images, labels = sources.load_split(spec, split, config.data_dir, read_threads=config.data.read_threads)
+    return batching.batches(images, labels, **order)
 
 
 def eval_batches(
     config: ml_collections.ConfigDict,
-    spec: data.DatasetSpec,
+    spec: datasets.DatasetSpec,
     split: str,
     batch_size: int,
     *,
@@ -120,22 +120,22 @@ def eval_batches(
     local_device_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One ordered pass over `split` (each example once, the last batch padded and
-    masked), in memory or streamed as `streams` decides; `data.split_size` gives N.
+    masked), in memory or streamed as `streams` decides; `sources.split_size` gives N.
 
     Yields {"image": uint8[L, B, H, W, C], "label": int32[L, B], "mask": bool[L, B]}.
     """
     layout = dict(process_index=process_index, process_count=process_count, local_device_count=local_device_count)
     if streams(config, spec, split):
-        source = data.record_source(spec, split, config.data_dir)
+        source = sources.record_source(spec, split, config.data_dir)
         return streaming.stream_eval_batches(source, batch_size, read_threads=config.data.read_threads,
                                              prefetch_steps=config.data.prefetch_steps, **layout)
-    images, labels = data.load_split(spec, split, config.data_dir, read_threads=config.data.read_threads)
-    return data.eval_batches(images, labels, batch_size, **layout)
+    images, labels = sources.load_split(spec, split, config.data_dir, read_threads=config.data.read_threads)
+    return batching.eval_batches(images, labels, batch_size, **layout)
 
 
 def pretrain_batch_shapes(
     config: ml_collections.ConfigDict,
-    spec: data.DatasetSpec,
+    spec: datasets.DatasetSpec,
     *,
     process_count: int,
     local_device_count: int,
@@ -154,7 +154,7 @@ def pretrain_batch_shapes(
     return batch
 
 
-def check_splits(config: ml_collections.ConfigDict, spec: data.DatasetSpec, *, device_count: int) -> dict[str, int]:
+def check_splits(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *, device_count: int) -> dict[str, int]:
     """Checks every split the run will read before any is read into training: that it
     exists, that its images decode (image folders: prepared here, once), that a global
     batch fits in the pretraining split (and in the labelled split batched alongside it
@@ -170,12 +170,12 @@ def check_splits(config: ml_collections.ConfigDict, spec: data.DatasetSpec, *, d
     """
     pretrain = config.pretrain_split or spec.pretrain_split
     batched = [pretrain]
-    if config.online_probe.every_steps and not data.has_labels(pretrain):
+    if config.online_probe.every_steps and not datasets.has_labels(pretrain):
         batched.append(spec.train_split)
     evaluated = []
     if config.probe.enabled or config.knn_monitor.every_steps or config.online_probe.every_steps:
         evaluated = [spec.train_split, spec.test_split]
-    sizes = {split: data.split_size(spec, split, config.data_dir) for split in dict.fromkeys(batched + evaluated)}
+    sizes = {split: sources.split_size(spec, split, config.data_dir) for split in dict.fromkeys(batched + evaluated)}
     for split in batched:
         if config.batch_size > sizes[split]:
             fitting = sizes[split] // device_count * device_count

@@ -55,8 +55,8 @@ from absl import app, flags, logging
 
 from rr_jax.run_dir import quiet_native_logs
 
-quiet_native_logs()  # before rr_jax.data imports TensorFlow
-from rr_jax import data  # noqa: E402
+quiet_native_logs()  # before rr_jax.sources imports TensorFlow
+from rr_jax import datasets  # noqa: E402
 from rr_jax.augment import normalize_images, random_crop_flip  # noqa: E402
 from rr_jax.checkpoint import save_probe  # noqa: E402
 from rr_jax.evaluate import topk_accuracy  # noqa: E402
@@ -352,7 +352,7 @@ def run_probe(
 
     Args:
       workdir: a pretraining run's directory (WORKDIR/checkpoints).
-      dataset: a key of `rr_jax.data.DATASETS` to probe on (domain transfer); None:
+      dataset: a key of `rr_jax.datasets.DATASETS` to probe on (domain transfer); None:
         the pretraining dataset.
       label_space: e.g. 'coarse' for CIFAR-100's 20 superclasses; None: the default.
       label_fraction: fraction of the training labels, in (0, 1]; the subset is
@@ -382,7 +382,7 @@ def run_probe(
     restored, spec = evaluation.restored, evaluation.spec
     backbone, variables, config, used_step = restored.backbone, restored.variables, restored.config, restored.step
     pretrain_dataset = config["dataset"]
-    space = label_space or next(iter(data.DATASETS[dataset or pretrain_dataset]))
+    space = label_space or next(iter(datasets.DATASETS[dataset or pretrain_dataset]))
     if finetune:  # trains on augmented images: the splits in memory
         splits = load_labelled_splits(spec, evaluation.inputs.data_dir)
         train_inputs, train_labels = splits.train_images, splits.train_labels
@@ -391,7 +391,7 @@ def run_probe(
         train_inputs, train_labels = split_features(evaluation, spec.train_split)
         test_features, test_labels = split_features(evaluation, spec.test_split)
     if label_fraction < 1.0:
-        subset = data.label_subset(train_labels, label_fraction, seed)
+        subset = datasets.label_subset(train_labels, label_fraction, seed)
         train_inputs, train_labels = train_inputs[subset], train_labels[subset]
     logging.info(
         "Probing %s (step %d of %s) on %s/%s: %d train, %d test examples (test split: %s), %d classes%s.",
@@ -457,7 +457,7 @@ def run_probe(
 def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Pretraining run directory (holds checkpoints/).",
                         required=True)
-    flags.DEFINE_string("dataset", None, f"Dataset to probe on, one of {sorted(data.DATASETS)}; "
+    flags.DEFINE_string("dataset", None, f"Dataset to probe on, one of {sorted(datasets.DATASETS)}; "
                         "default: the pretraining one.")
     flags.DEFINE_string("label_space", None, "Label space, e.g. 'coarse' for cifar100; default: "
                         "the dataset's first.")

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rr_jax import data, online_probe
+from rr_jax import datasets, online_probe
 from rr_jax.evaluate import knn_accuracy, rankme
 from rr_jax.features import extract_features, load_labelled_splits
 
@@ -38,7 +38,7 @@ class Monitors:
       backbone: the backbone module without an axis name (eval mode).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, spec: data.DatasetSpec, backbone: nn.Module):
+    def __init__(self, config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, backbone: nn.Module):
         self._knn, self._probe = config.knn_monitor, config.online_probe
         self._spec, self._backbone = spec, backbone
         num_test = max(self._knn.num_test if self._knn.every_steps else 0,

@@ -1,8 +1,8 @@
 """Streamed input with Grain: batches read by random access, decoded ahead of the device.
 
-A record source (`data.record_source`: TFDS ArrayRecord data sources, prepared image
-folders) is read in the order of `data.batch_indices` / `data.eval_indices`, the same
-contract as the in-memory `data.batches` / `data.eval_batches`, so that step s sees the
+A record source (`sources.record_source`: TFDS ArrayRecord data sources, prepared image
+folders) is read in the order of `batching.batch_indices` / `batching.eval_indices`, the same
+contract as the in-memory `batching.batches` / `batching.eval_batches`, so that step s sees the
 same batch from either path and a resumed run continues exactly. Each process reads
 only the records of its own slice of every global batch.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from rr_jax import data
+from rr_jax import batching
 
 # Grain's map datasets are finite; training reads from start_step up to this bound.
 _LAST_STEP = 2**53
@@ -28,7 +28,7 @@ _LAST_STEP = 2**53
 def _stack(records: list[dict[str, np.ndarray]], extra: dict[str, np.ndarray], local_device_count: int) -> dict[str, np.ndarray]:
     batch = {"image": np.stack([r["image"] for r in records]),
              "label": np.asarray([r["label"] for r in records], np.int32), **extra}
-    return data.per_device(batch, local_device_count)
+    return batching.per_device(batch, local_device_count)
 
 
 def _check_threads(read_threads: int, prefetch_steps: int) -> None:
@@ -57,14 +57,14 @@ def stream_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches of this process from a record source, from `start_step`.
 
-    Yields what `data.batches` yields on the same examples held in memory (same seed,
-    same steps); this process reads only `data.batch_indices(..., process_index, ...)`.
+    Yields what `batching.batches` yields on the same examples held in memory (same seed,
+    same steps); this process reads only `batching.batch_indices(..., process_index, ...)`.
 
     Args:
       source: `len(source)` = N examples; `source[i]` -> {"image": uint8[H, W, C],
-        "label": int}, callable from several threads (`data.record_source`).
+        "label": int}, callable from several threads (`sources.record_source`).
       global_batch_size, seed, start_step, process_index, process_count,
-        local_device_count: as in `data.batches`.
+        local_device_count: as in `batching.batches`.
       read_threads: threads reading and decoding, one process batch each.
       prefetch_steps: batches kept ready ahead of the consumer (>= read_threads keeps
         every thread busy).
@@ -72,14 +72,14 @@ def stream_batches(
     Yields:
       {"image": uint8[L, B, H, W, C], "label": int32[L, B], "index": int32[L, B]}, B = M / (P * L).
     """
-    data.local_batch_size(global_batch_size, process_index, process_count, local_device_count)
+    batching.local_batch_size(global_batch_size, process_index, process_count, local_device_count)
     num_examples = len(source)
-    data.steps_per_epoch(num_examples, global_batch_size)
-    data.check_order(seed, start_step)
+    batching.steps_per_epoch(num_examples, global_batch_size)
+    batching.check_order(seed, start_step)
     _check_threads(read_threads, prefetch_steps)
 
     def read(step: int) -> dict[str, np.ndarray]:
-        indices = data.batch_indices(num_examples, global_batch_size, seed, step, process_index, process_count)
+        indices = batching.batch_indices(num_examples, global_batch_size, seed, step, process_index, process_count)
         return _stack([source[int(i)] for i in indices], {"index": indices.astype(np.int32)}, local_device_count)
 
     return _iterate(grain.MapDataset.range(start_step, _LAST_STEP).map(read), read_threads, prefetch_steps)
@@ -96,24 +96,24 @@ def stream_eval_batches(
     prefetch_steps: int = 8,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One ordered pass over a record source, each example once (the last batch padded
-    and masked): what `data.eval_batches` yields on the same examples in memory.
+    and masked): what `batching.eval_batches` yields on the same examples in memory.
 
     Args:
       source, read_threads, prefetch_steps: as in `stream_batches`.
       batch_size, process_index, process_count, local_device_count: as in
-        `data.eval_batches`.
+        `batching.eval_batches`.
 
     Yields:
       {"image": uint8[L, B, H, W, C], "label": int32[L, B], "mask": bool[L, B]},
       B = M / (P * L); ceil(N / M) batches in every process.
     """
-    data.local_batch_size(batch_size, process_index, process_count, local_device_count)
+    batching.local_batch_size(batch_size, process_index, process_count, local_device_count)
     _check_threads(read_threads, prefetch_steps)
     num_examples = len(source)
 
     def read(batch: int) -> dict[str, np.ndarray]:
-        indices, mask = data.eval_indices(num_examples, batch_size, batch, process_index, process_count)
+        indices, mask = batching.eval_indices(num_examples, batch_size, batch, process_index, process_count)
         return _stack([source[int(i)] for i in indices], {"mask": mask}, local_device_count)
 
-    steps = grain.MapDataset.range(data.num_eval_batches(num_examples, batch_size)).map(read)
+    steps = grain.MapDataset.range(batching.num_eval_batches(num_examples, batch_size)).map(read)
     return _iterate(steps, read_threads, prefetch_steps)

@@ -1,9 +1,6 @@
-"""Pretraining: the train state, the pure train step, its pmap, the loop.
-
-`train_step` is a pure function of (state, images) with every option bound by
-keyword; `parallel_train_step` is the one place that calls `jax.pmap` (axis 'batch'),
-so a move to `shard_map` touches one function. `pretrain` is the loop: data, resume,
-checkpoints, metrics, preemption.
+"""Pretraining: the loop around the step (rr_jax.step) that reads data, resumes
+(rr_jax.resume), checkpoints, logs metrics, runs the monitors and stops cleanly on
+preemption.
 """
 
 from __future__ import annotations
@@ -14,255 +11,23 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import chex
-import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from rr_jax import data, inputs, memory, online_probe
-from rr_jax.augment import normalize_images
-from rr_jax.backbones import create_backbone
+from rr_jax import batching, datasets, inputs, memory, online_probe, sources
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import validate_config
-from rr_jax.errors import Preempted, ResumeError
+from rr_jax.errors import Preempted
 from rr_jax.features import extract_features, feature_dim
 from rr_jax.monitors import Monitors, with_labelled_batches
-from rr_jax.objectives import Objective, get_objective
+from rr_jax.objectives import Objective
 from rr_jax.observe import MetricsLog, ProgressBar
-from rr_jax.run_dir import HEAD_FIELDS, WEIGHT_FIELDS, RunDirectory, check_resumable
-
-AXIS = "batch"
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a pretraining step reads and writes.
-
-    params / batch_stats: {'backbone': ..., 'head': ...}; rng: uint32 key data of the
-    run's base key (step keys are derived from it and the step, so a resumed run draws
-    exactly the keys an uninterrupted one would); objective_state: what the objective
-    carries between steps ({} for most; DeepCluster's clusters; a momentum teacher's
-    parameters and BatchNorm statistics); online_probe: the online
-    linear probe's params and optimizer state (`rr_jax.online_probe`), None when it is off.
-    """
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    rng: jax.Array
-    objective_state: Any
-    online_probe: online_probe.OnlineProbeState | None = None
-
-
-def make_objective(config: ml_collections.ConfigDict, spec: data.DatasetSpec, total_steps: int = 0) -> Objective:
-    """The objective of `config.method` with its options from the config, for a run of
-    `total_steps` steps (schedules over the run, e.g. a teacher's momentum)."""
-    return get_objective(config.method).from_config(config, spec).for_run(total_steps)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """The learning rate per step; unset config fields take the method's defaults
-    (`Objective.optimizer`: Adam 1e-3 constant for most, the paper; 'supervised':
-    0.1, x0.1 at 50% and 75% of training ('multistep'); 'deepinfomax': 1e-4)."""
-    opt, defaults = config.optimizer, get_objective(config.method).optimizer
-    base = opt.learning_rate or defaults.learning_rate
-    schedule = opt.schedule or defaults.schedule
-    if schedule == "cosine":
-        return optax.cosine_decay_schedule(base, max(total_steps, 1))
-    if schedule == "multistep":
-        return optax.piecewise_constant_schedule(
-            base, {int(0.5 * total_steps): 0.1, int(0.75 * total_steps): 0.1}
-        )
-    return optax.constant_schedule(base)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """`config.optimizer.name` or the method's default: Adam (AdamW when weight_decay >
-    0), SGD with momentum (and L2 weight decay), or LARS (You et al., 2017: SGD with
-    momentum whose step of each weight matrix or kernel is scaled by 0.001 |w| / |g|;
-    biases and BatchNorm parameters, the 1-D leaves, take plain steps without weight
-    decay, as the BYOL and Barlow Twins recipes)."""
-    opt = config.optimizer
-    learning_rate = learning_rate_schedule(config, total_steps)
-    name = opt.name or get_objective(config.method).optimizer.name
-    if name == "lars":
-        def matrices(params):
-            return jax.tree.map(lambda x: x.ndim > 1, params)
-
-        return optax.lars(learning_rate, weight_decay=opt.weight_decay, weight_decay_mask=matrices,
-                          trust_ratio_mask=matrices, momentum=opt.momentum)
-    if name == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(opt.weight_decay),
-            optax.sgd(learning_rate, momentum=opt.momentum),
-        )
-    if opt.weight_decay > 0:
-        return optax.adamw(learning_rate, weight_decay=opt.weight_decay)
-    return optax.adam(learning_rate)
-
-
-def make_backbone(config: ml_collections.ConfigDict, axis_name: str | None = AXIS) -> nn.Module:
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    return create_backbone(config.model.backbone, axis_name=axis_name, dtype=dtype)
-
-
-def create_train_state(
-    key: jax.Array,
-    backbone: nn.Module,
-    optimizer: optax.GradientTransformation,
-    image_shape: tuple[int, int, int],
-    *,
-    objective: Objective,
-    num_classes: int = 10,
-    num_examples: int = 0,
-) -> TrainState:
-    """Fresh parameters for a backbone taking images [H, W, C] and the objective's head,
-    and the objective's state for a pretraining split of `num_examples` images."""
-    init_key, head_key, run_key = jax.random.split(key, 3)
-    dummy = jnp.zeros((2, *image_shape), jnp.float32)
-    backbone_vars = backbone.init(init_key, dummy, train=False)
-    capture = objective.capture() or False
-    features, intermediates = jax.eval_shape(
-        lambda v: backbone.apply(v, dummy, train=False, capture_intermediates=capture, mutable=["intermediates"]),
-        backbone_vars,
-    )
-    head_vars = objective.init_head(head_key, features, intermediates.get("intermediates", {}), num_classes)
-    params = {"backbone": backbone_vars["params"], "head": head_vars["params"]}
-    batch_stats = {"backbone": backbone_vars["batch_stats"], "head": head_vars["batch_stats"]}
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(run_key),
-        objective_state=objective.init_state(num_examples, num_classes,
-                                             {"params": params, "batch_stats": batch_stats}),
-    )
-
-
-def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    backbone: nn.Module,
-    optimizer: optax.GradientTransformation,
-    objective: Objective,
-    axis_name: str | None = None,
-    probe_optimizer: optax.GradientTransformation | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One pretraining step on {'image': uint8[B, H, W, C], 'label': int[B]}; pure.
-
-    The objective makes K views of each image on device; its `teacher` may run networks
-    no gradient reaches (a momentum teacher); the backbone runs once on all K*B views;
-    the objective's loss scores them; an optimizer step follows, then the objective's
-    `update_state` (the teacher's moving average). Under
-    `axis_name`, gradients and BatchNorm statistics are averaged over devices and each
-    device augments with its own key; the loss's key is shared when the objective asks
-    for it (e.g. one derangement of the whole batch). Metrics are device means, except
-    counts (names starting with 'num_', e.g. 'num_pairs'), which are totals over devices.
-    With `state.online_probe` set, `probe_optimizer` takes one step of the online probe on
-    the stop-gradient eval-mode features of the batch's unaugmented images (of
-    'probe_image' / 'probe_label' when the batch carries those: labelled images
-    alongside an unlabelled split).
-    """
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    augment_key, loss_key = jax.random.split(step_key)
-    if axis_name is not None:
-        augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
-        if not objective.shared_loss_key:
-            loss_key = jax.random.fold_in(loss_key, jax.lax.axis_index(axis_name))
-    views, targets = objective.inputs(augment_key, batch, state.objective_state)
-    num_views, batch_size = views.shape[:2]
-
-    def apply_backbone(variables, images):  # the backbone in training mode with other variables
-        features, updates = backbone.apply(variables, images.reshape(-1, *images.shape[2:]), train=True,
-                                           mutable=["batch_stats"])
-        return features.reshape(*images.shape[:2], -1), updates["batch_stats"]
-
-    targets, aux = objective.teacher(views, targets, state.objective_state, apply_backbone=apply_backbone,
-                                     axis_name=axis_name)
-
-    def loss_fn(params):
-        features, updates = backbone.apply(
-            {"params": params["backbone"], "batch_stats": state.batch_stats["backbone"]},
-            views.reshape(num_views * batch_size, *views.shape[2:]),
-            train=True,
-            mutable=["batch_stats"],
-            capture_intermediates=objective.capture() or False,
-        )
-        loss, metrics, head_stats = objective.loss(
-            features.reshape(num_views, batch_size, -1),
-            {"params": params["head"], "batch_stats": state.batch_stats["head"]},
-            loss_key, targets,
-            intermediates=updates.get("intermediates", {}), objective_state=state.objective_state,
-            axis_name=axis_name,
-        )
-        return loss, (metrics, {"backbone": updates["batch_stats"], "head": head_stats})
-
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-        # Counts ('num_pairs') add up over devices; rates and losses are averaged.
-        metrics = {k: (jax.lax.psum if k.startswith("num_") else jax.lax.pmean)(v, axis_name)
-                   for k, v in metrics.items()}
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        objective_state=objective.update_state(state.objective_state, aux, params, state.step),
-    )
-    if state.online_probe is not None:
-        if probe_optimizer is None:
-            raise ValueError("The state holds an online probe: pass probe_optimizer (rr_jax.online_probe.make_optimizer).")
-        images = normalize_images(batch.get("probe_image", batch["image"]),
-                                  mean=objective.augment.mean, std=objective.augment.std)
-        probe_features = backbone.apply(
-            {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}, images, train=False
-        )
-        probe_state, probe_metrics = online_probe.update(
-            state.online_probe, jax.lax.stop_gradient(probe_features), batch.get("probe_label", batch["label"]),
-            optimizer=probe_optimizer, axis_name=axis_name,
-        )
-        new_state, metrics = new_state.replace(online_probe=probe_state), {**metrics, **probe_metrics}
-    return new_state, metrics
-
-
-def parallel_train_step(*, donate: bool = True, **options) -> Callable:
-    """`train_step` with `options` bound, pmapped over all devices (axis 'batch').
-
-    Takes and returns a replicated state; batch leaves are [local devices, B, ...].
-    `donate`: reuse the input state's buffers for the output (off to call twice on the
-    same state, as benchmarks do).
-    """
-    step = functools.partial(train_step, axis_name=AXIS, **options)
-    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ())
-
-
-def replicate(tree: Any) -> Any:
-    """One copy of every leaf on each local device (new leading axis), placed as the
-    pmapped step places its outputs, so that feeding them back does not recompile."""
-    devices = jax.local_devices()
-    sharding = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
-    )
-    return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding),
-        tree,
-    )
-
-
-def unreplicate(tree: Any) -> Any:
-    """Device 0's copy of a replicated tree."""
-    return jax.tree.map(lambda x: x[0], tree)
+from rr_jax.optimizer import make_optimizer
+from rr_jax.resume import restore_latest
+from rr_jax.run_dir import RunDirectory
+from rr_jax.step import TrainState, create_train_state, make_backbone, make_objective, parallel_train_step, replicate, unreplicate
 
 
 def _all_finite(tree: Any) -> bool:
@@ -306,63 +71,6 @@ class _Preemption:
             signal.signal(signum, handler)
 
 
-def _restore(
-    checkpointer: Checkpointer,
-    fresh: TrainState,
-    config: ml_collections.ConfigDict,
-    allow_config_change: Sequence[str],
-    primary: bool,
-) -> tuple[TrainState, int]:
-    """The newest checkpoint of the workdir that restores, as (state, its step).
-
-    A step whose config differs from `config` in fields that change what is trained is
-    refused (ResumeError). A step that fails to restore (damaged after it was written) is
-    moved aside with a warning and the previous one is tried. Step 0 without a train
-    state holds imported weights (rr_jax.convert): pretraining continues from them.
-    None restores: (fresh, 0).
-    """
-    current = config.to_dict()
-    for step in reversed(checkpointer.all_steps()):
-        try:
-            saved = checkpointer.restore_config(step)
-            if checkpointer.has_item(step, "state"):
-                check_resumable(saved, current, step=step, allow=allow_config_change)
-                return jax.tree.map(jnp.asarray, checkpointer.restore_state(step, fresh)), step
-            if step == 0:
-                return _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change), 0
-            raise KeyError(f"step {step} has no train state")
-        except ResumeError:
-            raise
-        except Exception as error:  # any damage: fall back to an older step
-            where = checkpointer.set_aside(step) if primary else "place"
-            logging.warning(
-                "The checkpoint of step %d cannot be restored (%s: %s); it is left in %s for "
-                "inspection and the previous checkpoint is tried.",
-                step, type(error).__name__, str(error).splitlines()[0][:300], where,
-            )
-    return fresh, 0
-
-
-def _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change) -> TrainState:
-    """`fresh` with the backbone (and, when shapes agree, the relation head) of the
-    imported weights of step 0; the optimizer state starts afresh."""
-    head = checkpointer.restore_head(0)
-    if head is not None and jax.tree.structure(head["params"]) != jax.tree.structure(fresh.params["head"]):
-        head = None  # an imported relation head, and this method trains another head
-    fields = WEIGHT_FIELDS + (HEAD_FIELDS if head is not None else ())
-    check_resumable(saved, current, step=0, only=fields, allow=allow_config_change)
-    backbone, _ = checkpointer.restore_backbone(0)
-    params, batch_stats = dict(fresh.params), dict(fresh.batch_stats)
-    params["backbone"], batch_stats["backbone"] = backbone["params"], backbone["batch_stats"]
-    if head is not None:
-        params["head"], batch_stats["head"] = head["params"], head["batch_stats"]
-    logging.info("Continuing pretraining from the imported weights of step 0 (backbone%s).",
-                 " and relation head" if head is not None else "")
-    imported = fresh.replace(params=params, batch_stats=batch_stats)
-    chex.assert_trees_all_equal_shapes_and_dtypes(imported.params, fresh.params)
-    return jax.tree.map(jnp.asarray, imported)
-
-
 def pretrain(
     config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: Sequence[str] = ()
 ) -> TrainState:
@@ -388,7 +96,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
                      spec.image_folder, spec.holdout.describe())
     split = config.pretrain_split or spec.pretrain_split
     num_examples = inputs.check_splits(config, spec, device_count=jax.device_count())[split]
-    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
+    steps_per_epoch = batching.steps_per_epoch(num_examples, config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -400,7 +108,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     optimizer = make_optimizer(config, total_steps)
     state = _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples)
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
-    state, start = _restore(checkpointer, state, config, allow_config_change, run.primary)
+    state, start = restore_latest(checkpointer, state, config, allow_config_change, run.primary)
     if start:
         logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
     if dropped := run.trim_metrics(start):
@@ -408,7 +116,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     run.write_config(config.to_dict())
     _log_run(config, state, spec, steps_per_epoch, total_steps, objective)
 
-    labelled_alongside = state.online_probe is not None and not data.has_labels(split)
+    labelled_alongside = state.online_probe is not None and not datasets.has_labels(split)
     step_fn = None
     if start < total_steps:  # compiled ahead of time, checked against the devices' memory, then run
         step_fn = memory.compile_checked(
@@ -422,7 +130,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     batches = inputs.pretrain_batches(config, spec, **layout)
     if labelled_alongside:  # e.g. STL-10 'unlabelled'
         batches = with_labelled_batches(batches, inputs.pretrain_batches(config, spec, split=spec.train_split, **layout))
-    batches = data.prefetch_to_devices(batches)
+    batches = batching.prefetch_to_devices(batches)
     monitors = Monitors(config, spec, make_backbone(config, axis_name=None)) if run.primary else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
@@ -499,7 +207,7 @@ def _initial_state(config, spec, objective, backbone, optimizer, total_steps, nu
 
 def _lower_step(
     config: ml_collections.ConfigDict,
-    spec: data.DatasetSpec,
+    spec: datasets.DatasetSpec,
     overrides: dict[str, int],
     *,
     state: TrainState,
@@ -513,12 +221,7 @@ def _lower_step(
     whose shapes the step without overrides takes (with overrides, those of a fresh one)."""
     if overrides:
         config = config.copy_and_resolve_references()
-        for key, value in overrides.items():
-            *parents, last = key.split(".")
-            target = config
-            for part in parents:
-                target = target[part]
-            target[last] = value
+        config.update_from_flattened_dict(overrides)
     objective, backbone, optimizer = make_objective(config, spec), make_backbone(config), make_optimizer(config, total_steps)
     if overrides:
         state = jax.eval_shape(lambda: _initial_state(config, spec, objective, backbone, optimizer, total_steps,
@@ -546,12 +249,12 @@ def _searched_sizes(config: ml_collections.ConfigDict) -> list[memory.Size]:
 
 
 def _epoch_hook(
-    config: ml_collections.ConfigDict, spec: data.DatasetSpec, objective: Objective
+    config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, objective: Objective
 ) -> Callable[[int, TrainState], TrainState]:
     """`objective.start_epoch` with the eval-mode features of the pretraining split (held
     in memory: such objectives cluster the whole split every epoch)."""
     backbone = make_backbone(config, axis_name=None)
-    images, _ = data.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
+    images, _ = sources.load_split(spec, config.pretrain_split or spec.pretrain_split, config.data_dir)
 
     def features(state: TrainState) -> np.ndarray:
         variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 @contextlib.contextmanager
 def mocked_tfds(data_dir, num_examples, names=("cifar10", "cifar100")):
     """tfds.testing.mock_data with the real schemas of `names`, marked as prepared in
-    `data_dir` so that rr_jax.data.load_split reads (random) examples without a download."""
+    `data_dir` so that rr_jax.sources.load_split reads (random) examples without a download."""
     for name in names:
         builder = tfds.builder(name, data_dir=str(data_dir))
         os.makedirs(builder.data_dir, exist_ok=True)
@@ -34,14 +34,14 @@ def mocked_tfds(data_dir, num_examples, names=("cifar10", "cifar100")):
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory):
     """A TFDS data_dir holding Fashion-MNIST, prepared once per session from Debian's files."""
-    from rr_jax import data
+    from rr_jax import datasets, sources
 
-    if not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR):
-        pytest.skip(f"{data.DEBIAN_FASHION_MNIST_DIR} is absent: apt-get install dataset-fashion-mnist")
+    if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR):
+        pytest.skip(f"{datasets.DEBIAN_FASHION_MNIST_DIR} is absent: apt-get install dataset-fashion-mnist")
     root = tmp_path_factory.mktemp("tfds")
-    spec = data.get_dataset_spec("fashion_mnist")
+    spec = datasets.get_dataset_spec("fashion_mnist")
     for split in (spec.train_split, spec.test_split):
-        data.load_split(spec, split, str(root), download=False)
+        sources.load_split(spec, split, str(root), download=False)
     return root
 
 

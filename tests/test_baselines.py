@@ -12,9 +12,11 @@ from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import base_config
-from rr_jax.data import get_dataset_spec
+from rr_jax.datasets import get_dataset_spec
 from rr_jax.objectives.common import classification_loss
 from rr_jax.objectives.simclr import nt_xent_loss
+from rr_jax.optimizer import learning_rate_schedule, make_optimizer
+from rr_jax.step import create_train_state, make_backbone, make_objective, train_step
 
 
 def numpy_nt_xent(z1, z2, temperature):
@@ -58,11 +60,11 @@ def test_nt_xent_rejects_bad_shapes():
 def test_supervised_schedule_drops_at_half_and_three_quarters():
     config = base_config()
     config.method = "supervised"
-    schedule = train.learning_rate_schedule(config, 100)
+    schedule = learning_rate_schedule(config, 100)
     np.testing.assert_allclose([schedule(s) for s in (0, 49, 50, 74, 75, 99)],
                                [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
     config.method = "relational"
-    assert train.learning_rate_schedule(config, 100)(99) == pytest.approx(1e-3)
+    assert learning_rate_schedule(config, 100)(99) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("method", ["simclr", "supervised"])
@@ -72,15 +74,15 @@ def test_baseline_steps_learn_a_fixed_batch(method):
     config.model.backbone = "conv4"
     augment = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
                             jitter_prob=0.0, grayscale_prob=0.0)
-    objective = dataclasses.replace(train.make_objective(config, get_dataset_spec("cifar10")), augment=augment)
+    objective = dataclasses.replace(make_objective(config, get_dataset_spec("cifar10")), augment=augment)
     assert objective.num_views == {"simclr": 2, "supervised": 1}[method]
-    backbone = train.make_backbone(config, axis_name=None)
-    optimizer = train.make_optimizer(config, total_steps=1000)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3),
+    backbone = make_backbone(config, axis_name=None)
+    optimizer = make_optimizer(config, total_steps=1000)
+    state = create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3),
                                      objective=objective, num_classes=4)
     batch = {"image": jax.random.randint(jax.random.key(1), (8, 16, 16, 3), 0, 256).astype(jnp.uint8),
              "label": jnp.arange(8) % 4}
-    step = jax.jit(lambda s, b: train.train_step(s, b, backbone=backbone, optimizer=optimizer, objective=objective))
+    step = jax.jit(lambda s, b: train_step(s, b, backbone=backbone, optimizer=optimizer, objective=objective))
     losses = []
     for _ in range(8):
         state, metrics = step(state, batch)
@@ -98,8 +100,8 @@ def test_random_method_checkpoints_the_initial_weights(tmp_path):
         state = train.pretrain(config, str(tmp_path / "run"))
     assert int(state.step) == 0
     backbone, _ = Checkpointer(str(tmp_path / "run")).restore_backbone()
-    fresh = train.create_train_state(
-        jax.random.key(0), train.make_backbone(config), train.make_optimizer(config, 0), (32, 32, 3),
-        objective=train.make_objective(config, get_dataset_spec("cifar10")), num_classes=10)
+    fresh = create_train_state(
+        jax.random.key(0), make_backbone(config), make_optimizer(config, 0), (32, 32, 3),
+        objective=make_objective(config, get_dataset_spec("cifar10")), num_classes=10)
     for a, b in zip(jax.tree.leaves(backbone["params"]), jax.tree.leaves(fresh.params["backbone"])):
         np.testing.assert_array_equal(a, b)

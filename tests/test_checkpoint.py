@@ -6,12 +6,13 @@ import shutil
 import jax
 import numpy as np
 
-from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.config import base_config
 from rr_jax.objectives import DeepCluster, Relational
 from rr_jax.objectives.common import CropFlip
+from rr_jax.optimizer import make_optimizer
+from rr_jax.step import create_train_state, make_backbone, train_step
 
 # A relational conv4 run on 8x8x1 images (K=2, hidden_dim=8, Adam), one step taken:
 # written with the train state of the time, {step, params, batch_stats, opt_state, rng}.
@@ -26,8 +27,8 @@ def conv4_config():
 
 def legacy_target(objective):
     config = conv4_config()
-    return train.create_train_state(
-        jax.random.key(5), train.make_backbone(config, axis_name=None), train.make_optimizer(config, 10), (8, 8, 1),
+    return create_train_state(
+        jax.random.key(5), make_backbone(config, axis_name=None), make_optimizer(config, 10), (8, 8, 1),
         objective=objective, num_examples=6)
 
 
@@ -49,9 +50,9 @@ def test_a_checkpoint_without_the_objective_state_restores(tmp_path):
     assert state.objective_state == {}  # absent on disk: the target's
     assert jax.tree.structure(state) == jax.tree.structure(target)
     # It resumes: one more step runs on it.
-    step = jax.jit(lambda s, b: train.train_step(
-        s, b, backbone=train.make_backbone(conv4_config(), axis_name=None),
-        optimizer=train.make_optimizer(conv4_config(), 10), objective=objective))
+    step = jax.jit(lambda s, b: train_step(
+        s, b, backbone=make_backbone(conv4_config(), axis_name=None),
+        optimizer=make_optimizer(conv4_config(), 10), objective=objective))
     batch = {"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.arange(4)}
     assert int(step(jax.tree.map(np.asarray, state), batch)[0].step) == 2
 

@@ -1,4 +1,4 @@
-"""Tests of rr_jax.data: dataset specs, TFDS loading, batch order, device prefetch."""
+"""Tests of the data modules: specs (datasets), preparation (prepare), loading (sources), order and prefetch (batching)."""
 
 import dataclasses
 import gzip
@@ -11,9 +11,9 @@ import pytest
 import requests
 import tensorflow_datasets as tfds
 
-from rr_jax import data
+from rr_jax import batching, datasets, prepare, sources
 
-FASHION_DIR = data.DEBIAN_FASHION_MNIST_DIR
+FASHION_DIR = datasets.DEBIAN_FASHION_MNIST_DIR
 
 
 def _files(root) -> list[str]:
@@ -24,20 +24,20 @@ def _files(root) -> list[str]:
 
 
 def test_label_spaces_of_cifar100():
-    fine = data.get_dataset_spec("cifar100")
-    coarse = data.get_dataset_spec("cifar100", "coarse")
+    fine = datasets.get_dataset_spec("cifar100")
+    coarse = datasets.get_dataset_spec("cifar100", "coarse")
     assert (fine.label_key, fine.num_classes) == ("label", 100)
     assert (coarse.label_key, coarse.num_classes) == ("coarse_label", 20)
     assert coarse.mean == fine.mean == (0.507, 0.487, 0.441)
-    stl = data.get_dataset_spec("stl10")
+    stl = datasets.get_dataset_spec("stl10")
     assert (stl.pretrain_split, stl.train_split, stl.image_shape) == (
         "unlabelled", "train", (96, 96, 3))
 
 
 def test_overrides_and_custom_spec():
-    spec = data.get_dataset_spec("cifar10", train_split="train[:10%]", mean=[0.5, 0.5, 0.5])
+    spec = datasets.get_dataset_spec("cifar10", train_split="train[:10%]", mean=[0.5, 0.5, 0.5])
     assert spec.train_split == "train[:10%]" and spec.mean == (0.5, 0.5, 0.5)
-    custom = data.DatasetSpec(
+    custom = datasets.DatasetSpec(
         tfds_name="mnist", image_shape=[28, 28, 1], num_classes=10, mean=[0.13], std=[0.31],
         pretrain_split="train", train_split="train", test_split="test",
     )
@@ -47,13 +47,13 @@ def test_overrides_and_custom_spec():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: data.get_dataset_spec("cifar11"), r"'cifar11'.*'cifar10', 'cifar100'"),
-    (lambda: data.get_dataset_spec("cifar100", "superclass"), r"'superclass'.*'fine', 'coarse'"),
-    (lambda: data.get_dataset_spec("cifar10", std_dev=1.0), r"\['std_dev'\]"),
-    (lambda: data.get_dataset_spec("cifar10", mean=(0.5,)), r"mean must hold 3"),
-    (lambda: data.get_dataset_spec("cifar10", std=(1.0, 0.0, 1.0)), r"std must hold 3 positive"),
-    (lambda: data.get_dataset_spec("cifar10", offline_dir="/x"), r"'fashion_mnist'.*'cifar10'"),
-    (lambda: data.get_dataset_spec("stl10", image_shape=(96, 96)), r"\(96, 96\)"),
+    (lambda: datasets.get_dataset_spec("cifar11"), r"'cifar11'.*'cifar10', 'cifar100'"),
+    (lambda: datasets.get_dataset_spec("cifar100", "superclass"), r"'superclass'.*'fine', 'coarse'"),
+    (lambda: datasets.get_dataset_spec("cifar10", std_dev=1.0), r"\['std_dev'\]"),
+    (lambda: datasets.get_dataset_spec("cifar10", mean=(0.5,)), r"mean must hold 3"),
+    (lambda: datasets.get_dataset_spec("cifar10", std=(1.0, 0.0, 1.0)), r"std must hold 3 positive"),
+    (lambda: datasets.get_dataset_spec("cifar10", offline_dir="/x"), r"'fashion_mnist'.*'cifar10'"),
+    (lambda: datasets.get_dataset_spec("stl10", image_shape=(96, 96)), r"\(96, 96\)"),
 ])
 def test_bad_specs_raise(call, match):
     with pytest.raises(ValueError, match=match):
@@ -80,7 +80,7 @@ def mock_tfds(tmp_path):
     ("cifar100", "coarse", "coarse_label", 20),
 ])
 def test_load_split_reads_the_label_space(mock_tfds, name, label_space, key, num_classes):
-    images, labels = data.load_split(data.get_dataset_spec(name, label_space), "train")
+    images, labels = sources.load_split(datasets.get_dataset_spec(name, label_space), "train")
     assert images.dtype == np.uint8 and images.shape == (37, 32, 32, 3)
     assert labels.dtype == np.int32 and labels.shape == (37,)
     reference = next(iter(tfds.as_numpy(tfds.builder(name).as_dataset(
@@ -88,7 +88,7 @@ def test_load_split_reads_the_label_space(mock_tfds, name, label_space, key, num
     np.testing.assert_array_equal(images, reference["image"])
     np.testing.assert_array_equal(labels, reference[key])
     assert labels.min() >= 0 and labels.max() < num_classes
-    batch = next(data.batches(images, labels, global_batch_size=8, seed=0, local_device_count=2))
+    batch = next(batching.batches(images, labels, global_batch_size=8, seed=0, local_device_count=2))
     assert batch["image"].shape == (2, 4, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
     if name == "cifar100":  # the two label spaces really are different features
@@ -97,11 +97,11 @@ def test_load_split_reads_the_label_space(mock_tfds, name, label_space, key, num
 
 
 def test_load_split_checks_the_spec_against_tfds(mock_tfds):
-    wrong = data.get_dataset_spec("cifar100", num_classes=10)
+    wrong = datasets.get_dataset_spec("cifar100", num_classes=10)
     with pytest.raises(ValueError, match=r"has 100 classes; spec.num_classes=10"):
-        data.load_split(wrong, "train")
+        sources.load_split(wrong, "train")
     with pytest.raises(ValueError, match=r"'fine_label'.*'coarse_label'"):
-        data.load_split(data.get_dataset_spec("cifar100", label_key="fine_label"), "train")
+        sources.load_split(datasets.get_dataset_spec("cifar100", label_key="fine_label"), "train")
 
 
 # --------------------------------------------------------------- batch order
@@ -120,9 +120,9 @@ def _take(iterator, steps):
 
 def test_batches_shapes_and_epoch_coverage():
     images, labels = _split()
-    m, steps = 20, data.steps_per_epoch(103, 20)
+    m, steps = 20, batching.steps_per_epoch(103, 20)
     assert steps == 5
-    out = _take(data.batches(images, labels, global_batch_size=m, seed=3,
+    out = _take(batching.batches(images, labels, global_batch_size=m, seed=3,
                              local_device_count=4), 3 * steps)
     for b in out:
         assert b["image"].shape == (4, 5, 4, 4, 3) and b["image"].dtype == np.uint8
@@ -135,7 +135,7 @@ def test_batches_shapes_and_epoch_coverage():
     assert not np.array_equal(epochs[0], epochs[1])
     assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1]))  # remainder differs too
     # Order over many epochs is uniform: each example is dropped ~3/103 of the time.
-    many = _take(data.batches(images, labels, global_batch_size=m, seed=0), 400 * steps)
+    many = _take(batching.batches(images, labels, global_batch_size=m, seed=0), 400 * steps)
     counts = np.bincount(np.concatenate([b["label"].ravel() for b in many]), minlength=103)
     expected = 400 * 100 / 103
     assert np.abs(counts - expected).max() < 5 * np.sqrt(expected * 3 / 103)
@@ -144,13 +144,13 @@ def test_batches_shapes_and_epoch_coverage():
 def test_batches_are_a_function_of_seed_and_step():
     images, labels = _split()
     kw = dict(global_batch_size=10, local_device_count=2)
-    run = _take(data.batches(images, labels, seed=7, **kw), 35)
-    again = _take(data.batches(images, labels, seed=7, **kw), 35)
-    other = _take(data.batches(images, labels, seed=8, **kw), 35)
+    run = _take(batching.batches(images, labels, seed=7, **kw), 35)
+    again = _take(batching.batches(images, labels, seed=7, **kw), 35)
+    other = _take(batching.batches(images, labels, seed=8, **kw), 35)
     assert all(np.array_equal(a["label"], b["label"]) for a, b in zip(run, again))
     assert not all(np.array_equal(a["label"], b["label"]) for a, b in zip(run, other))
     for s in (1, 9, 10, 23):  # mid-epoch, epoch ends, later epoch
-        resumed = _take(data.batches(images, labels, seed=7, start_step=s, **kw), 35 - s)
+        resumed = _take(batching.batches(images, labels, seed=7, start_step=s, **kw), 35 - s)
         for a, b in zip(run[s:], resumed):
             np.testing.assert_array_equal(a["image"], b["image"])
             np.testing.assert_array_equal(a["label"], b["label"])
@@ -160,8 +160,8 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_processes_together_see_the_global_batch(process_count, local_device_count):
     images, labels = _split()
     kw = dict(global_batch_size=16, seed=5, start_step=4)
-    single = _take(data.batches(images, labels, **kw), 12)
-    shards = [_take(data.batches(images, labels, process_index=p, process_count=process_count,
+    single = _take(batching.batches(images, labels, **kw), 12)
+    shards = [_take(batching.batches(images, labels, process_index=p, process_count=process_count,
                                  local_device_count=local_device_count, **kw), 12)
               for p in range(process_count)]
     for step, one in enumerate(single):
@@ -180,12 +180,12 @@ def test_processes_together_see_the_global_batch(process_count, local_device_cou
 def test_bad_batch_arguments_raise(kwargs, match):
     images, labels = _split()
     with pytest.raises(ValueError, match=match):
-        next(data.batches(images, labels, **{"seed": 0, **kwargs}))
+        next(batching.batches(images, labels, **{"seed": 0, **kwargs}))
 
 
 def test_eval_batches_cover_the_split_in_order_on_every_process():
     images, labels = _split(n=23)
-    per_process = [list(data.eval_batches(images, labels, 8, process_index=p, process_count=2,
+    per_process = [list(batching.eval_batches(images, labels, 8, process_index=p, process_count=2,
                                           local_device_count=2)) for p in range(2)]
     assert [len(b) for b in per_process] == [3, 3]  # ceil(23 / 8) steps everywhere
     seen_images, seen_labels = [], []
@@ -207,8 +207,8 @@ def test_prefetch_to_devices_shards_bounded_and_feeds_pmap():
     images, labels = _split()
     n_dev = jax.local_device_count()
     assert n_dev == 8
-    source = data.batches(images, labels, global_batch_size=16, seed=1, local_device_count=8)
-    expected = _take(data.batches(images, labels, global_batch_size=16, seed=1,
+    source = batching.batches(images, labels, global_batch_size=16, seed=1, local_device_count=8)
+    expected = _take(batching.batches(images, labels, global_batch_size=16, seed=1,
                                   local_device_count=8), 3)
     pulled = []
 
@@ -217,7 +217,7 @@ def test_prefetch_to_devices_shards_bounded_and_feeds_pmap():
             pulled.append(1)
             yield b
 
-    it = data.prefetch_to_devices(counting(), size=2)
+    it = batching.prefetch_to_devices(counting(), size=2)
     first = next(it)
     assert len(pulled) == 2  # the buffer holds `size` batches, no more
     for got, want in zip([first, next(it), next(it)], expected):
@@ -230,19 +230,19 @@ def test_prefetch_to_devices_shards_bounded_and_feeds_pmap():
         np.testing.assert_array_equal(
             np.asarray(sums), want["image"].astype(np.int64).reshape(8, -1).sum(1))
     with pytest.raises(ValueError, match=r"leading axis of 8"):
-        next(data.prefetch_to_devices(iter([{"x": np.zeros((4, 2))}])))
+        next(batching.prefetch_to_devices(iter([{"x": np.zeros((4, 2))}])))
 
 
 # ---------------------------------------------------------- missing datasets
 
 
 def test_missing_dataset_without_download_says_how_to_get_it(tmp_path):
-    spec = data.get_dataset_spec("fashion_mnist", offline_dir=str(tmp_path / "nowhere"))
+    spec = datasets.get_dataset_spec("fashion_mnist", offline_dir=str(tmp_path / "nowhere"))
     root = tmp_path / "tfds"
     with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist"):
-        data.load_split(spec, "train", str(root), download=False)
+        sources.load_split(spec, "train", str(root), download=False)
     with pytest.raises(FileNotFoundError, match=r"network access.*cifar10/<version>"):
-        data.load_split(data.get_dataset_spec("cifar10"), "test", str(root), download=False)
+        sources.load_split(datasets.get_dataset_spec("cifar10"), "test", str(root), download=False)
     assert _files(root) == []
 
 
@@ -251,10 +251,10 @@ def test_unreachable_download_fails_fast_and_writes_nothing(tmp_path, monkeypatc
         raise requests.ConnectionError(f"no route to {url}")
 
     monkeypatch.setattr(requests, "head", no_network)
-    spec = data.get_dataset_spec("fashion_mnist", offline_dir=str(tmp_path / "nowhere"))
+    spec = datasets.get_dataset_spec("fashion_mnist", offline_dir=str(tmp_path / "nowhere"))
     root = tmp_path / "tfds"
     with pytest.raises(FileNotFoundError, match=r"fashion-mnist\.s3.*apt-get install"):
-        data.load_split(spec, "train", str(root))
+        sources.load_split(spec, "train", str(root))
     assert _files(root) == []
 
 
@@ -284,8 +284,8 @@ def _as_rows(images, labels):
 def fashion(fashion_mnist_dir):
     """Fashion-MNIST prepared once from the Debian files into a fresh data_dir."""
     root = fashion_mnist_dir
-    spec = data.get_dataset_spec("fashion_mnist")
-    return root, spec, {s: data.load_split(spec, s, str(root), download=False)
+    spec = datasets.get_dataset_spec("fashion_mnist")
+    return root, spec, {s: sources.load_split(spec, s, str(root), download=False)
                         for s in ("train", "test")}
 
 
@@ -314,7 +314,7 @@ def test_offline_fashion_mnist_is_the_real_data(fashion):
 def test_batched_png_encoding_writes_what_tfds_writes():
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     feature = tfds.features.Image(shape=(28, 28, 1))
-    assert list(data._encode_pngs(images).numpy()) == [feature.encode_example(x) for x in images]
+    assert list(prepare._encode_pngs(images).numpy()) == [feature.encode_example(x) for x in images]
 
 
 @needs_debian_files
@@ -326,9 +326,9 @@ def test_failed_offline_preparation_leaves_nothing(tmp_path):
     os.remove(source / "t10k-labels-idx1-ubyte.gz")
     with gzip.open(source / "t10k-labels-idx1-ubyte.gz", "wb") as f:  # truncated
         f.write(gzip.open(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz")).read()[:5000])
-    spec = data.get_dataset_spec("fashion_mnist", offline_dir=str(source))
+    spec = datasets.get_dataset_spec("fashion_mnist", offline_dir=str(source))
     root = tmp_path / "tfds"
     with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte is not the expected idx"):
-        data.load_split(spec, "train", str(root), download=False)
+        sources.load_split(spec, "train", str(root), download=False)
     assert _files(root) == []
     shutil.rmtree(source)

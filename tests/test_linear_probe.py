@@ -17,11 +17,11 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import mocked_tfds, numpy_knn_top1
 
-from rr_jax import data, evaluate_run, linear_probe, train
+from rr_jax import datasets, evaluate_run, linear_probe, train
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import restore_probe
 from rr_jax.config import base_config
-from rr_jax.data import get_dataset_spec
+from rr_jax.datasets import get_dataset_spec
 from rr_jax.evaluate import topk_accuracy
 from rr_jax.features import extract_features
 from rr_jax.online_probe import LinearHead, classify
@@ -142,7 +142,7 @@ def test_coarse_labels_of_a_few_label_subset(pretrained, monkeypatch):
         _, coarse = _split(data_dir, "cifar100", "train", "coarse_label")
         _, fine = _split(data_dir, "cifar100", "train", "label")
     assert not np.array_equal(coarse, fine)  # the check below can tell them apart
-    expected = coarse[data.label_subset(coarse, 0.5, seed=3)]
+    expected = coarse[datasets.label_subset(coarse, 0.5, seed=3)]
     np.testing.assert_array_equal(seen["labels"], expected)
     assert seen["num_classes"] == 20 and results["num_classes"] == 20
     assert results["name"] == "probe_cifar100_coarse_frac0.5"
@@ -248,17 +248,17 @@ def test_classifier_rejects_labels_outside_the_classes():
 def test_label_subsets_are_class_balanced_and_seeded():
     labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 100))
     for fraction, per_class in ((0.01, 1), (0.1, 10), (0.25, 25), (0.5, 50), (1.0, 100)):
-        subset = data.label_subset(labels, fraction, seed=0)
+        subset = datasets.label_subset(labels, fraction, seed=0)
         assert np.all(np.diff(subset) > 0)  # sorted, no repeats
         np.testing.assert_array_equal(np.bincount(labels[subset], minlength=10), [per_class] * 10)
-        np.testing.assert_array_equal(subset, data.label_subset(labels, fraction, seed=0))
+        np.testing.assert_array_equal(subset, datasets.label_subset(labels, fraction, seed=0))
         if fraction < 1:
-            assert not np.array_equal(subset, data.label_subset(labels, fraction, seed=1))
+            assert not np.array_equal(subset, datasets.label_subset(labels, fraction, seed=1))
     # Unbalanced classes keep the fraction of each class, at least one example.
     skewed = np.array([0] * 3 + [1] * 50)
-    np.testing.assert_array_equal(np.bincount(skewed[data.label_subset(skewed, 0.1, seed=0)]), [1, 5])
+    np.testing.assert_array_equal(np.bincount(skewed[datasets.label_subset(skewed, 0.1, seed=0)]), [1, 5])
     with pytest.raises(ValueError, match="fraction must be in \\(0, 1\\]"):
-        data.label_subset(labels, 0.0, seed=0)
+        datasets.label_subset(labels, 0.0, seed=0)
 
 
 # ---------------------------------------------------------------------- fine-tuning

@@ -14,6 +14,8 @@ from test_pipeline import load_config, tiny
 from rr_jax import inputs, memory, train
 from rr_jax.config import base_config
 from rr_jax.errors import OutOfMemoryError
+from rr_jax.optimizer import make_optimizer
+from rr_jax.step import make_backbone, make_objective, parallel_train_step
 
 
 def analysed_bytes(compiled):
@@ -31,8 +33,8 @@ def step(fast_compile):
     config.dataset, config.model.backbone = "fashion_mnist", "conv4"
     config.relational.num_views, config.batch_size = 6, 32
     spec = inputs.dataset_spec(config)
-    objective, backbone = train.make_objective(config, spec), train.make_backbone(config)
-    optimizer = train.make_optimizer(config, 10)
+    objective, backbone = make_objective(config, spec), make_backbone(config)
+    optimizer = make_optimizer(config, 10)
     state = train._initial_state(config, spec, objective, backbone, optimizer, 10, 100)
     lower_step = functools.partial(train._lower_step, config, spec, state=state, total_steps=10, num_examples=100,
                                    labelled_alongside=False)
@@ -172,7 +174,7 @@ def test_out_of_memory_at_run_time_advises_smaller_steps_than_the_one_that_ran()
 def test_pretraining_compiles_the_step_once_and_runs_that_executable(tmp_path, monkeypatch, fast_compile, caplog):
     caplog.set_level("INFO")
     made = []
-    real = train.parallel_train_step
+    real = parallel_train_step
 
     def counted(**options):
         pmapped = real(**options)

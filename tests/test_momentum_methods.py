@@ -17,6 +17,7 @@ from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.batch_norm import BatchNorm
 from rr_jax.config import base_config, validate_config
+from rr_jax.datasets import get_dataset_spec
 from rr_jax.errors import ConfigError
 from rr_jax.objectives import BYOL, DINO, OBJECTIVES, BarlowTwins, MoCoV3, SimSiam, VICReg
 from rr_jax.objectives.barlow_twins import barlow_twins_loss
@@ -26,6 +27,17 @@ from rr_jax.objectives.mocov3 import info_nce
 from rr_jax.objectives.simsiam import simsiam_loss
 from rr_jax.objectives.teacher import momentum_schedule
 from rr_jax.objectives.vicreg import vicreg_loss
+from rr_jax.optimizer import make_optimizer
+from rr_jax.step import (
+    AXIS,
+    create_train_state,
+    make_backbone,
+    make_objective,
+    parallel_train_step,
+    replicate,
+    train_step,
+    unreplicate,
+)
 
 NEW_METHODS = ("byol", "mocov3", "dino", "barlow_twins", "vicreg", "simsiam")
 # Views equal to the images (normalised): every device's augmentation key gives the same views.
@@ -159,8 +171,8 @@ def test_teacher_starts_as_a_copy_and_moves_by_the_moving_average(fast_compile):
     config.model.backbone = "conv4"
     objective = BYOL(augment=IDENTITY, projector_hidden_dim=8, projector_dim=4, predictor_hidden_dim=8,
                      base_momentum=0.9).for_run(4)
-    optimizer = train.make_optimizer(config, 4)
-    state = train.create_train_state(jax.random.key(0), train.make_backbone(config, axis_name=None), optimizer,
+    optimizer = make_optimizer(config, 4)
+    state = create_train_state(jax.random.key(0), make_backbone(config, axis_name=None), optimizer,
                                      (16, 16, 3), objective=objective)
     teacher = state.objective_state["teacher"]
     assert sorted(teacher["params"]["head"]) == ["projector_mlp"]  # the predictor has no teacher
@@ -215,17 +227,17 @@ def test_eight_device_step_equals_one_device_step(method, fast_compile):
     case = STEP_CASES[method]()
     flipped = type(f"Flipped{type(case).__name__}", (type(case),), {"inputs": flip_views})
     objective = flipped(**{f.name: getattr(case, f.name) for f in dataclasses.fields(case)}).for_run(10)
-    optimizer = train.make_optimizer(base_config(), total_steps=10)
-    state = train.create_train_state(jax.random.key(0), TinyBackbone(), optimizer, (4, 4, 3), objective=objective,
+    optimizer = make_optimizer(base_config(), total_steps=10)
+    state = create_train_state(jax.random.key(0), TinyBackbone(), optimizer, (4, 4, 3), objective=objective,
                                      num_examples=16)
     batch = {"image": jax.random.randint(jax.random.key(1), (16, 4, 4, 3), 0, 256).astype(jnp.uint8),
              "label": jnp.arange(16, dtype=jnp.int32) % 4}
-    one_state, one_metrics = jax.jit(lambda s, b: train.train_step(
+    one_state, one_metrics = jax.jit(lambda s, b: train_step(
         s, b, backbone=TinyBackbone(), optimizer=optimizer, objective=objective))(state, batch)
-    parallel = train.parallel_train_step(backbone=TinyBackbone(train.AXIS), optimizer=optimizer, objective=objective)
-    many_state, many_metrics = parallel(train.replicate(state),
+    parallel = parallel_train_step(backbone=TinyBackbone(AXIS), optimizer=optimizer, objective=objective)
+    many_state, many_metrics = parallel(replicate(state),
                                         jax.tree.map(lambda x: x.reshape(8, -1, *x.shape[1:]), batch))
-    many_state = train.unreplicate(many_state)
+    many_state = unreplicate(many_state)
     for name, value in one_metrics.items():
         np.testing.assert_allclose(many_metrics[name][0], value, rtol=1e-4, atol=1e-6, err_msg=name)
     for a, b in zip(jax.tree.leaves(many_state.batch_stats), jax.tree.leaves(one_state.batch_stats)):
@@ -256,11 +268,11 @@ def test_eight_device_step_equals_one_device_step(method, fast_compile):
 def test_the_six_methods_are_registered_with_their_settings():
     assert list(OBJECTIVES)[-6:] == list(NEW_METHODS)
     config = base_config()
-    spec = train.data.get_dataset_spec("cifar10")
+    spec = get_dataset_spec("cifar10")
     for method in NEW_METHODS:
         config.method = method
         validate_config(config, device_count=8)
-        objective = train.make_objective(config, spec, total_steps=123)
+        objective = make_objective(config, spec, total_steps=123)
         assert objective.num_views == 2 and objective.name == method
         for key, value in config[method].items():
             assert getattr(objective, key) == value, (method, key)
@@ -330,7 +342,7 @@ def test_lars_scales_matrix_steps_by_the_trust_ratio_and_leaves_biases_plain():
     config = base_config()
     config.optimizer.update(name="lars", learning_rate=0.5, weight_decay=0.1, momentum=0.9)
     validate_config(config, device_count=8)
-    optimizer = train.make_optimizer(config, total_steps=10)
+    optimizer = make_optimizer(config, total_steps=10)
     params = {"kernel": jnp.asarray(normal(13, 3, 2), jnp.float32), "bias": jnp.asarray(normal(14, 2), jnp.float32)}
     grads = {"kernel": jnp.asarray(normal(15, 3, 2), jnp.float32), "bias": jnp.asarray(normal(16, 2), jnp.float32)}
     updates, _ = optimizer.update(grads, optimizer.init(params), params)

@@ -64,14 +64,14 @@ import json, sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from rr_jax import data, inputs
+from rr_jax import datasets, inputs, sources
 from rr_jax.config import base_config
 
 config = base_config()
 config.dataset, config.image_folder, config.data_dir = "tiny_imagenet", sys.argv[3], sys.argv[4]
 config.data.streaming, config.batch_size, config.seed = "stream", 8, 5
 config.data.read_threads, config.data.prefetch_steps = 1, 1
-read, record_source = [], data.record_source
+read, record_source = [], sources.record_source
 
 class Counting:
     def __init__(self, source):
@@ -82,7 +82,7 @@ class Counting:
         read.append(int(index))
         return self.source[index]
 
-data.record_source = lambda *args, **kwargs: Counting(record_source(*args, **kwargs))
+sources.record_source = lambda *args, **kwargs: Counting(record_source(*args, **kwargs))
 batches = inputs.pretrain_batches(
     config, inputs.dataset_spec(config), start_step=0, process_index=jax.process_index(),
     process_count=jax.process_count(), local_device_count=jax.local_device_count())
@@ -94,11 +94,11 @@ print("RESULT" + json.dumps({"read": read[:12], "labels": labels}))
 def test_each_of_two_processes_reads_only_its_half_of_each_global_batch(tmp_path):
     from image_trees import tiny_imagenet_tree
 
-    from rr_jax import data
+    from rr_jax import datasets, sources
 
     root = tiny_imagenet_tree(str(tmp_path / "folders"))  # 12 images, 3 classes
-    spec = data.get_dataset_spec("tiny_imagenet", image_folder=root)
-    _, labels = data.load_split(spec, "train", str(tmp_path / "tfds"))  # prepared once, before both start
+    spec = datasets.get_dataset_spec("tiny_imagenet", image_folder=root)
+    _, labels = sources.load_split(spec, "train", str(tmp_path / "tfds"))  # prepared once, before both start
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     processes = [subprocess.Popen(

@@ -19,6 +19,7 @@ from conftest import mocked_tfds
 
 from rr_jax import backbones, train
 from rr_jax.config import base_config, validate_config
+from rr_jax.datasets import get_dataset_spec
 from rr_jax.errors import Preempted
 from rr_jax.objectives import OBJECTIVES, DeepCluster, DeepInfoMax, RotationNet, get_objective
 from rr_jax.objectives.common import CropFlip
@@ -31,6 +32,8 @@ from rr_jax.objectives.deepcluster import (
     pca_whiten,
 )
 from rr_jax.objectives.rotationnet import rotations
+from rr_jax.optimizer import learning_rate_schedule, make_optimizer
+from rr_jax.step import create_train_state, make_backbone, make_objective, parallel_train_step, replicate, train_step, unreplicate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDENTITY = CropFlip(padding=0, flip_prob=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -159,9 +162,9 @@ def test_deepinfomax_official_weights_create_only_the_used_discriminators():
     config = base_config()
     config.method = "deepinfomax"
     config.model.backbone = "conv4"
-    objective = train.make_objective(config, train.data.get_dataset_spec("cifar10"))
+    objective = make_objective(config, get_dataset_spec("cifar10"))
     assert (objective.alpha, objective.beta, objective.gamma) == (0.0, 1.0, 0.1)  # train_unsupervised.py
-    assert train.learning_rate_schedule(config, 10)(0) == pytest.approx(1e-4)
+    assert learning_rate_schedule(config, 10)(0) == pytest.approx(1e-4)
     head = objective.init_head(jax.random.key(0), jnp.zeros((2, 64)), {"layer1": {"__call__": (jnp.zeros((2, 8, 8, 8)),)}},
                                10)
     assert sorted(head["params"]) == ["local", "prior"]
@@ -288,21 +291,21 @@ def test_eight_device_step_equals_one_device_step(method, fast_compile):
     objective, objective_state = STEP_CASES[method]()
     config = base_config()
     config.model.backbone = "conv4"
-    optimizer = train.make_optimizer(config, total_steps=10)
-    state = train.create_train_state(jax.random.key(0), train.make_backbone(config, axis_name=None), optimizer,
+    optimizer = make_optimizer(config, total_steps=10)
+    state = create_train_state(jax.random.key(0), make_backbone(config, axis_name=None), optimizer,
                                      (16, 16, 3), objective=objective, num_examples=16)
     if objective_state is not None:
         state = state.replace(objective_state=objective_state)
     batch = {"image": jax.random.randint(jax.random.key(1), (16, 16, 16, 3), 0, 256).astype(jnp.uint8),
              "label": jnp.arange(16, dtype=jnp.int32) % 4, "index": jnp.arange(16, dtype=jnp.int32)}
-    one_state, one_metrics = jax.jit(lambda s, b: train.train_step(
-        s, b, backbone=train.make_backbone(config, axis_name=None), optimizer=optimizer, objective=objective))(
+    one_state, one_metrics = jax.jit(lambda s, b: train_step(
+        s, b, backbone=make_backbone(config, axis_name=None), optimizer=optimizer, objective=objective))(
         state, batch)
-    parallel = train.parallel_train_step(backbone=train.make_backbone(config), optimizer=optimizer,
+    parallel = parallel_train_step(backbone=make_backbone(config), optimizer=optimizer,
                                          objective=objective)
-    many_state, many_metrics = parallel(train.replicate(state),
+    many_state, many_metrics = parallel(replicate(state),
                                         jax.tree.map(lambda x: x.reshape(8, -1, *x.shape[1:]), batch))
-    many_state = train.unreplicate(many_state)
+    many_state = unreplicate(many_state)
     for name, value in one_metrics.items():
         np.testing.assert_allclose(many_metrics[name][0], value, rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree.leaves(many_state.batch_stats), jax.tree.leaves(one_state.batch_stats)):
@@ -387,8 +390,8 @@ def test_deepcluster_start_epoch_is_skipped_for_the_epoch_it_belongs_to():
     objective = DeepCluster(augment=IDENTITY, num_clusters=2, kmeans_iterations=2, kmeans_init=1)
     config = base_config()
     config.model.backbone = "conv4"
-    optimizer = train.make_optimizer(config, 10)
-    state = train.create_train_state(jax.random.key(0), train.make_backbone(config, axis_name=None), optimizer,
+    optimizer = make_optimizer(config, 10)
+    state = create_train_state(jax.random.key(0), make_backbone(config, axis_name=None), optimizer,
                                      (8, 8, 1), objective=objective, num_examples=6)
     # One feature: whitened and L2-normalised, the two groups become -1 and +1.
     points = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
@@ -432,12 +435,12 @@ def test_the_readme_objective_plugs_in_with_one_registry_line(monkeypatch):
     config.augment.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
                           grayscale_prob=0.0)
     validate_config(config, device_count=8)
-    spec = dataclasses.replace(train.data.get_dataset_spec("cifar10"), mean=(0.5,) * 3, std=(0.25,) * 3)
-    objective = train.make_objective(config, spec)
-    backbone, optimizer = train.make_backbone(config, axis_name=None), train.make_optimizer(config, 10)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, (8, 8, 3), objective=objective)
+    spec = dataclasses.replace(get_dataset_spec("cifar10"), mean=(0.5,) * 3, std=(0.25,) * 3)
+    objective = make_objective(config, spec)
+    backbone, optimizer = make_backbone(config, axis_name=None), make_optimizer(config, 10)
+    state = create_train_state(jax.random.key(0), backbone, optimizer, (8, 8, 3), objective=objective)
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
-    _, metrics = train.train_step(state, {"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)},
+    _, metrics = train_step(state, {"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)},
                                   backbone=backbone, optimizer=optimizer, objective=objective)
     features, _ = backbone.apply({"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
                                  (images / 255.0 - 0.5) / 0.25, train=True, mutable=["batch_stats"])

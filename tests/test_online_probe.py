@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rr_jax import online_probe, train
+from rr_jax import online_probe
 from rr_jax.augment import AugmentConfig
 from rr_jax.config import base_config, validate_config
 from rr_jax.monitors import with_labelled_batches
 from rr_jax.objectives.relational import Relational
+from rr_jax.optimizer import make_optimizer
+from rr_jax.step import create_train_state, make_backbone, replicate, train_step, unreplicate
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -74,8 +76,8 @@ def test_eight_device_update_equals_the_global_batch_update():
     one, one_metrics = online_probe.update(state, features, labels, optimizer=optimizer)
     many, many_metrics = jax.pmap(
         lambda s, x, y: online_probe.update(s, x, y, optimizer=optimizer, axis_name="batch"), axis_name="batch"
-    )(train.replicate(state), features.reshape(8, 4, 5), labels.reshape(8, 4))
-    for a, b in zip(jax.tree.leaves(train.unreplicate(many)), jax.tree.leaves(one)):
+    )(replicate(state), features.reshape(8, 4, 5), labels.reshape(8, 4))
+    for a, b in zip(jax.tree.leaves(unreplicate(many)), jax.tree.leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     for name in one_metrics:
         np.testing.assert_allclose(many_metrics[name], one_metrics[name], rtol=1e-5)
@@ -85,15 +87,15 @@ def test_eight_device_update_equals_the_global_batch_update():
 def step_setup():
     config = base_config()
     config.model.backbone = "conv4"
-    backbone = train.make_backbone(config, axis_name=None)
-    optimizer = train.make_optimizer(config, total_steps=10)
+    backbone = make_backbone(config, axis_name=None)
+    optimizer = make_optimizer(config, total_steps=10)
     objective = Relational(num_views=2, augment=AUGMENT)
-    state = train.create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3), objective=objective)
+    state = create_train_state(jax.random.key(0), backbone, optimizer, (16, 16, 3), objective=objective)
     probe_optimizer = online_probe.make_optimizer(1e-3)
     probe = online_probe.init(jax.random.key(3), 64, 10, probe_optimizer)
     rng = np.random.default_rng(4)
     batch = {"image": rng.integers(0, 256, (8, 16, 16, 3), np.uint8), "label": rng.integers(0, 10, 8)}
-    step = jax.jit(lambda s, b: train.train_step(
+    step = jax.jit(lambda s, b: train_step(
         s, b, backbone=backbone, optimizer=optimizer, objective=objective, probe_optimizer=probe_optimizer))
     return backbone, state, probe, probe_optimizer, batch, step
 
@@ -146,8 +148,8 @@ def test_labelled_images_alongside_an_unlabelled_batch(step_setup):
 def test_a_state_with_a_probe_needs_its_optimizer(step_setup):
     backbone, state, probe, _, batch, _ = step_setup
     with pytest.raises(ValueError, match="probe_optimizer"):
-        train.train_step(state.replace(online_probe=probe), batch, backbone=backbone,
-                         optimizer=train.make_optimizer(base_config(), 10),
+        train_step(state.replace(online_probe=probe), batch, backbone=backbone,
+                         optimizer=make_optimizer(base_config(), 10),
                          objective=Relational(num_views=2, augment=AUGMENT))
 
 

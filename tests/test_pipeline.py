@@ -15,7 +15,7 @@ import pytest
 from conftest import mocked_tfds, numpy_knn_top1
 from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
 
-from rr_jax import data, linear_probe, train
+from rr_jax import datasets, linear_probe, sources, train
 from rr_jax.augment import normalize_images
 from rr_jax.checkpoint import Checkpointer, restore_probe
 from rr_jax.errors import Preempted
@@ -54,9 +54,9 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
     workdir = tmp_path / "run"
     with mocked_tfds(tmp_path / "tfds", 64):
         state = train.pretrain(config, str(workdir))
-        spec = data.get_dataset_spec("cifar10")
-        bank, bank_labels = (a[:40] for a in data.load_split(spec, "train", config.data_dir))
-        queries, query_labels = (a[:24] for a in data.load_split(spec, "test", config.data_dir))
+        spec = datasets.get_dataset_spec("cifar10")
+        bank, bank_labels = (a[:40] for a in sources.load_split(spec, "train", config.data_dir))
+        queries, query_labels = (a[:24] for a in sources.load_split(spec, "test", config.data_dir))
     assert int(state.step) == 3
     assert Checkpointer(str(workdir)).all_steps() == [2, 3]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -192,7 +192,7 @@ def test_probe_streams_a_large_split_and_agrees_with_memory(tmp_path, monkeypatc
         raise AssertionError("the streamed probe loaded a split into memory")
 
     with monkeypatch.context() as patch:
-        patch.setattr(linear_probe.load_labelled_splits.__globals__["data"], "load_split", no_loading)
+        patch.setattr(linear_probe.load_labelled_splits.__globals__["sources"], "load_split", no_loading)
         streamed = linear_probe.run_probe(workdir, epochs=2)
         streamed_head = restore_probe(os.path.join(workdir, streamed["name"]))
     monkeypatch.setattr(train.inputs, "streams", lambda *args: False)  # the same probe, splits in memory

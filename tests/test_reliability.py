@@ -22,10 +22,11 @@ from conftest import mocked_tfds
 from test_pipeline import load_config, tiny
 
 from rr_jax import config as config_lib
-from rr_jax import data, train
+from rr_jax import datasets, resume, sources, train
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.errors import CheckpointWriteError, ConfigError, DatasetError, ResumeError, UserError, WorkdirBusyError
 from rr_jax.run_dir import RunDirectory, check_resumable, is_run_directory, third_party_logs_to_file, unknown_key_message
+from rr_jax.step import make_backbone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -202,7 +203,7 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, how):
     _damage(tmp_path / "checkpoints" / "2", how)
 
     fresh = {"w": np.zeros(500)}
-    state, step = train._restore(Checkpointer(str(tmp_path), 3), fresh, config_lib.base_config(), (), True)
+    state, step = resume.restore_latest(Checkpointer(str(tmp_path), 3), fresh, config_lib.base_config(), (), True)
     assert step == 1
     np.testing.assert_array_equal(state["w"], trees[1]["w"])
     assert (tmp_path / "checkpoints_damaged" / "2").is_dir()  # kept for inspection
@@ -244,8 +245,8 @@ def test_imported_weights_are_trained_from_and_never_rotated_away(tmp_path, fast
     config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=3, **{
         "model.backbone": "conv4", "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 1,
         "optimizer.learning_rate": 1e-30})
-    spec = data.get_dataset_spec("cifar10")
-    backbone = train.make_backbone(config, axis_name=None)
+    spec = datasets.get_dataset_spec("cifar10")
+    backbone = make_backbone(config, axis_name=None)
     imported = jax.tree.map(lambda x: np.asarray(x) + 0.5,
                             backbone.init(jax.random.key(7), np.zeros((2, *spec.image_shape)), train=False))
     writer = Checkpointer(str(tmp_path / "run"))
@@ -360,8 +361,8 @@ def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, mon
         (small_filesystem / "filler").unlink()  # the cause is fixed
         monkeypatch.setattr(train.inputs, "pretrain_batches", real_batches)
         restored = []
-        real_restore = train._restore
-        monkeypatch.setattr(train, "_restore", lambda *args: restored.append(real_restore(*args)) or restored[-1])
+        real_restore = resume.restore_latest
+        monkeypatch.setattr(train, "restore_latest", lambda *args: restored.append(real_restore(*args)) or restored[-1])
         state = train.pretrain(config, str(workdir))
     assert restored[0][1] == latest and int(state.step) == 5
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -373,13 +374,13 @@ def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, mon
 
 def test_damaged_dataset_names_the_directory_and_the_fix(tmp_path, fashion_mnist_dir):
     shutil.copytree(fashion_mnist_dir, tmp_path / "tfds")
-    spec = data.get_dataset_spec("fashion_mnist")
+    spec = datasets.get_dataset_spec("fashion_mnist")
     (record,) = glob.glob(str(tmp_path / "tfds" / "fashion_mnist" / "*" / "*test.tfrecord*"))
     with open(record, "r+b") as f:
         f.seek(os.path.getsize(record) // 2)
         f.write(b"\xff" * 4096)
     with pytest.raises(DatasetError, match=r"fashion_mnist.*is damaged.*Delete .*fashion_mnist/\S+ and run again"):
-        data.load_split(spec, "test", str(tmp_path / "tfds"))
+        sources.load_split(spec, "test", str(tmp_path / "tfds"))
 
 
 # ------------------------------------------------------------------ console

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
 from PIL import Image
 
-from rr_jax import data, image_folder, inputs, streaming
+from rr_jax import batching, datasets, image_folder, inputs, sources, streaming
 from rr_jax.config import base_config, validate_config
 
 CLASSES = sorted(WNIDS)  # label order: the sorted class folder names
@@ -48,7 +48,7 @@ class CountingSource:
 def tiny(tmp_path_factory):
     """(spec, data_dir) of a tiny-ImageNet tree: 3 classes x 4 train, 5 val images."""
     root = tiny_imagenet_tree(str(tmp_path_factory.mktemp("folders")))
-    return data.get_dataset_spec("tiny_imagenet", image_folder=root), str(tmp_path_factory.mktemp("tfds"))
+    return datasets.get_dataset_spec("tiny_imagenet", image_folder=root), str(tmp_path_factory.mktemp("tfds"))
 
 
 # ------------------------------------------------------------------ image folders
@@ -57,25 +57,25 @@ def tiny(tmp_path_factory):
 def test_tiny_imagenet_layout_labels_class_order_and_pixels(tiny):
     spec, data_dir = tiny
     assert spec.num_classes == 3  # from the tree, not the published 200
-    assert data.class_names(spec, data_dir) == CLASSES
-    images, labels = data.load_split(spec, "train", data_dir)
+    assert sources.class_names(spec, data_dir) == CLASSES
+    images, labels = sources.load_split(spec, "train", data_dir)
     files = [os.path.join(spec.image_folder, "train", w, "images", f"{w}_{i}.JPEG") for w in CLASSES for i in range(4)]
     np.testing.assert_array_equal(labels, np.repeat(np.arange(3), 4))
     np.testing.assert_array_equal(images, np.stack([pil_image(f) for f in files]))
     # The test split is val/, labelled by val_annotations.txt in its order.
-    images, labels = data.load_split(spec, "test", data_dir)
+    images, labels = sources.load_split(spec, "test", data_dir)
     np.testing.assert_array_equal(labels, [CLASSES.index(WNIDS[i % 3]) for i in range(5)])
     np.testing.assert_array_equal(
         images, np.stack([pil_image(os.path.join(spec.image_folder, "val", "images", f"val_{i}.JPEG")) for i in range(5)]))
-    assert data.split_size(spec, "test", data_dir) == 5
+    assert sources.split_size(spec, "test", data_dir) == 5
 
 
 def test_slimagenet_layout_labels_and_lossless_pixels(tmp_path):
     root = slimagenet_tree(str(tmp_path / "folders"))
-    spec = data.get_dataset_spec("slimagenet64", image_folder=root)
+    spec = datasets.get_dataset_spec("slimagenet64", image_folder=root)
     assert spec.num_classes == 3 and spec.mean == (0.5,) * 3 and spec.std == (0.25,) * 3
     for split, count in (("train", 5), ("test", 2)):
-        images, labels = data.load_split(spec, split, str(tmp_path / "tfds"))
+        images, labels = sources.load_split(spec, split, str(tmp_path / "tfds"))
         files = [os.path.join(root, split, c, f"{c}_{i}.png") for c in CLASSES for i in range(count)]
         np.testing.assert_array_equal(labels, np.repeat(np.arange(3), count))
         np.testing.assert_array_equal(images, np.stack([pil_image(f) for f in files]))
@@ -116,8 +116,8 @@ def test_generic_class_folders_resize_variable_sizes(tmp_path):
     for name, (h, w) in sizes.items():
         os.makedirs(tmp_path / "tree" / name)
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "tree" / name / "x.png")
-    spec = data.get_dataset_spec("image_folder", image_folder=str(tmp_path / "tree"), image_shape=(20, 20, 3))
-    images, labels = data.load_split(spec, "train", str(tmp_path / "tfds"))
+    spec = datasets.get_dataset_spec("image_folder", image_folder=str(tmp_path / "tree"), image_shape=(20, 20, 3))
+    images, labels = sources.load_split(spec, "train", str(tmp_path / "tfds"))
     np.testing.assert_array_equal(labels, [0, 1])
     for image, name in zip(images, ("a", "b")):  # shorter side to 20, then the central 20x20
         h, w = sizes[name]
@@ -135,13 +135,13 @@ def test_generic_class_folders_resize_variable_sizes(tmp_path):
 @pytest.mark.parametrize("process_count, local_devices", [(1, 1), (2, 2)])
 def test_streaming_and_memory_give_the_same_batches(tiny, process_count, local_devices):
     spec, data_dir = tiny
-    images, labels = data.load_split(spec, "train", data_dir)
-    source = data.record_source(spec, "train", data_dir)
+    images, labels = sources.load_split(spec, "train", data_dir)
+    source = sources.record_source(spec, "train", data_dir)
     n, batch_size, seed, steps = len(labels), 4, 7, 7  # 3 steps per epoch: crosses two epochs
     for p in range(process_count):
         layout = dict(global_batch_size=batch_size, seed=seed, process_index=p, process_count=process_count,
                       local_device_count=local_devices)
-        memory = list(itertools.islice(data.batches(images, labels, **layout), steps))
+        memory = list(itertools.islice(batching.batches(images, labels, **layout), steps))
         streamed = list(itertools.islice(streaming.stream_batches(source, read_threads=3, prefetch_steps=2, **layout),
                                          steps))
         resumed = list(itertools.islice(streaming.stream_batches(source, start_step=4, **layout), steps - 4))
@@ -158,7 +158,7 @@ def test_streaming_and_memory_give_the_same_batches(tiny, process_count, local_d
 
 def test_each_process_reads_only_its_slice(tiny):
     spec, data_dir = tiny
-    source = data.record_source(spec, "train", data_dir)
+    source = sources.record_source(spec, "train", data_dir)
     for p in range(2):
         counting = CountingSource(source)
         stream = streaming.stream_batches(counting, global_batch_size=4, seed=1, process_index=p, process_count=2,
@@ -171,11 +171,11 @@ def test_each_process_reads_only_its_slice(tiny):
 
 def test_stream_eval_batches_match_eval_batches(tiny):
     spec, data_dir = tiny
-    images, labels = data.load_split(spec, "train", data_dir)
-    source = data.record_source(spec, "train", data_dir)
+    images, labels = sources.load_split(spec, "train", data_dir)
+    source = sources.record_source(spec, "train", data_dir)
     for p in range(2):  # 12 examples in batches of 8: the second is half padding
         layout = dict(process_index=p, process_count=2, local_device_count=2)
-        memory = list(data.eval_batches(images, labels, 8, **layout))
+        memory = list(batching.eval_batches(images, labels, 8, **layout))
         streamed = list(streaming.stream_eval_batches(source, 8, **layout))
         assert len(memory) == len(streamed) == 2
         for b, (x, y) in enumerate(zip(memory, streamed)):
@@ -204,20 +204,20 @@ class StreamingTestDigits(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), "label": i % 10}
 
 
-DIGITS = data.DatasetSpec(tfds_name="streaming_test_digits", image_shape=(8, 8, 1), num_classes=10, mean=(0.5,),
+DIGITS = datasets.DatasetSpec(tfds_name="streaming_test_digits", image_shape=(8, 8, 1), num_classes=10, mean=(0.5,),
                           std=(0.5,), pretrain_split="train", train_split="train", test_split="train")
 
 
 def test_tfds_array_record_stream_matches_tfrecord_in_memory(tmp_path):
     tfrecord_dir, array_record_dir = str(tmp_path / "tfrecord"), str(tmp_path / "array_record")
     split = "train[:96]"
-    images, labels = data.load_split(DIGITS, split, tfrecord_dir)  # prepared as TFRecord, read by tf.data
-    source = data.record_source(DIGITS, split, array_record_dir)  # prepared as ArrayRecord, tfds.data_source
-    assert not data.supports_random_access(DIGITS, tfrecord_dir)
-    assert data.supports_random_access(DIGITS, array_record_dir)
+    images, labels = sources.load_split(DIGITS, split, tfrecord_dir)  # prepared as TFRecord, read by tf.data
+    source = sources.record_source(DIGITS, split, array_record_dir)  # prepared as ArrayRecord, tfds.data_source
+    assert not sources.supports_random_access(DIGITS, tfrecord_dir)
+    assert sources.supports_random_access(DIGITS, array_record_dir)
     assert len(source) == len(labels) == 96
     layout = dict(global_batch_size=32, seed=3, process_index=1, process_count=2, local_device_count=2)
-    memory = itertools.islice(data.batches(images, labels, **layout), 5)
+    memory = itertools.islice(batching.batches(images, labels, **layout), 5)
     streamed = itertools.islice(streaming.stream_batches(source, **layout), 5)
     for step, (a, b) in enumerate(zip(memory, streamed)):
         idx = reference_indices(96, 32, 3, step, 1, 2)
@@ -225,7 +225,7 @@ def test_tfds_array_record_stream_matches_tfrecord_in_memory(tmp_path):
         for key in ("image", "label"):
             np.testing.assert_array_equal(b[key], a[key])
     with pytest.raises(ValueError, match="prepared as tfrecord.*array_record"):
-        data.record_source(DIGITS, split, tfrecord_dir)
+        sources.record_source(DIGITS, split, tfrecord_dir)
 
 
 # --------------------------------------------------------------------- config
@@ -285,4 +285,4 @@ def test_imagenet_config_is_valid_and_missing_files_say_where_to_put_them(tmp_pa
     assert spec.image_shape == (224, 224, 3) and spec.num_classes == 1000
     manual = os.path.join(str(tmp_path), "downloads", "manual")
     with pytest.raises(FileNotFoundError, match=f"ILSVRC2012_img_train.tar.*{manual}"):
-        data.record_source(spec, "train", str(tmp_path))
+        sources.record_source(spec, "train", str(tmp_path))

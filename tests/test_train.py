@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rr_jax import train
 from rr_jax.augment import AugmentConfig
 from rr_jax.config import base_config, validate_config
 from rr_jax.objectives import OBJECTIVES, Relational
+from rr_jax.optimizer import make_optimizer
+from rr_jax.step import create_train_state, make_backbone, parallel_train_step, replicate, train_step, unreplicate
 
 IDENTITY_AUGMENT = AugmentConfig(
     crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
@@ -19,11 +20,11 @@ IDENTITY_AUGMENT = AugmentConfig(
 def step_inputs(num_devices, batch=16):
     config = base_config()
     config.model.backbone = "conv4"
-    backbone_1 = train.make_backbone(config, axis_name=None)
-    backbone_n = train.make_backbone(config)
-    optimizer = train.make_optimizer(config, total_steps=10)
+    backbone_1 = make_backbone(config, axis_name=None)
+    backbone_n = make_backbone(config)
+    optimizer = make_optimizer(config, total_steps=10)
     objective = Relational(num_views=3, augment=IDENTITY_AUGMENT, negatives="roll", global_negatives=True)
-    state = train.create_train_state(jax.random.key(0), backbone_1, optimizer, (16, 16, 3), objective=objective)
+    state = create_train_state(jax.random.key(0), backbone_1, optimizer, (16, 16, 3), objective=objective)
     images = {"image": jax.random.randint(jax.random.key(1), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8),
               "label": jnp.arange(batch) % 10}
     return state, images, optimizer, objective, backbone_1, backbone_n
@@ -37,12 +38,12 @@ def test_eight_device_step_equals_one_device_step():
     """Same global batch and pairs: loss, parameters after the update and BN statistics agree."""
     assert jax.local_device_count() == 8
     state, images, optimizer, objective, backbone_1, backbone_n = step_inputs(8)
-    single = jax.jit(lambda s, x: train.train_step(s, x, backbone=backbone_1, optimizer=optimizer, objective=objective))
+    single = jax.jit(lambda s, x: train_step(s, x, backbone=backbone_1, optimizer=optimizer, objective=objective))
     one_state, one_metrics = single(state, images)
 
-    parallel = train.parallel_train_step(backbone=backbone_n, optimizer=optimizer, objective=objective)
-    many_state, many_metrics = parallel(train.replicate(state), per_device(images))
-    many_state = train.unreplicate(many_state)
+    parallel = parallel_train_step(backbone=backbone_n, optimizer=optimizer, objective=objective)
+    many_state, many_metrics = parallel(replicate(state), per_device(images))
+    many_state = unreplicate(many_state)
 
     np.testing.assert_allclose(many_metrics["loss"][0], one_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(many_metrics["accuracy"][0], one_metrics["accuracy"], rtol=1e-6)
@@ -57,7 +58,7 @@ def test_eight_device_step_equals_one_device_step():
     for a, b in zip(jax.tree.leaves(many_state.opt_state[0].mu), mu_one):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale)
     # Replicas stay identical.
-    leaves = jax.tree.leaves(parallel(train.replicate(state), per_device(images))[0].params)
+    leaves = jax.tree.leaves(parallel(replicate(state), per_device(images))[0].params)
     for leaf in leaves:
         np.testing.assert_array_equal(leaf[0], leaf[7])
 
@@ -109,11 +110,11 @@ def test_parallel_step_compiles_once():
     import chex
 
     state, images, optimizer, objective, _, backbone_n = step_inputs(8)
-    step = chex.assert_max_traces(train.train_step, n=1)
+    step = chex.assert_max_traces(train_step, n=1)
     parallel = jax.pmap(
         lambda s, x: step(s, x, backbone=backbone_n, optimizer=optimizer, objective=objective, axis_name="batch"),
         axis_name="batch", donate_argnums=(0,))
-    replicated = train.replicate(state)
+    replicated = replicate(state)
     for _ in range(3):
         replicated, _ = parallel(replicated, per_device(images))
     assert int(replicated.step[0]) == 3

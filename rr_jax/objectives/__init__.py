@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from rr_jax.augment import AugmentConfig, augment_views
-from rr_jax.data import DatasetSpec
+from rr_jax.datasets import DatasetSpec
 from rr_jax.errors import ConfigError
 
 Variables = Any
