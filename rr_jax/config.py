@@ -18,8 +18,10 @@ from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
 from rr_jax.datasets import DATASETS
 from rr_jax.errors import ConfigError
-from rr_jax.inputs import STREAMING
 from rr_jax.objectives import OBJECTIVES, config_error, get_objective
+
+# How a split is read (config.data.streaming; rr_jax.inputs): by size, streamed, or held in memory.
+STREAMING = ("auto", "stream", "memory")
 
 OPTIMIZERS = ("adam", "sgd", "lars")
 DTYPES = ("float32", "bfloat16")

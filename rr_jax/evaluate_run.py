@@ -31,7 +31,8 @@ from rr_jax.run_dir import quiet_native_logs
 quiet_native_logs()  # before rr_jax.sources imports TensorFlow
 from rr_jax import sources  # noqa: E402
 from rr_jax.evaluate import knn_accuracy, nearest_neighbours, precision_at_k, rankme  # noqa: E402
-from rr_jax.features import extract_features, restore_with_data  # noqa: E402
+from rr_jax.evaluation_inputs import restore_with_data  # noqa: E402
+from rr_jax.features import extract_features  # noqa: E402
 from rr_jax.plots import plot_curves, plot_retrieval, plot_tsne  # noqa: E402
 from rr_jax.tsne import tsne  # noqa: E402
 

@@ -20,9 +20,8 @@ import numpy as np
 from absl import logging
 
 from rr_jax import batching, datasets, image_folder, sources, streaming
+from rr_jax.config import STREAMING
 from rr_jax.objectives import config_error
-
-STREAMING = ("auto", "stream", "memory")
 
 
 def dataset_spec(

@@ -25,7 +25,8 @@ from absl import logging
 
 from rr_jax import datasets, online_probe
 from rr_jax.evaluate import knn_accuracy, rankme
-from rr_jax.features import extract_features, load_labelled_splits
+from rr_jax.evaluation_inputs import load_labelled_splits
+from rr_jax.features import extract_features
 
 
 class Monitors:

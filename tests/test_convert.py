@@ -20,7 +20,7 @@ from rr_jax import convert
 from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.errors import InputFileError
-from rr_jax.features import restore_backbone
+from rr_jax.evaluation_inputs import restore_backbone
 from rr_jax.relational import RelationHead, init_relation_head
 
 # name -> (blocks per stage, widths, ImageNet stem); conv4 is separate.

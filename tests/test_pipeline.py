@@ -19,7 +19,7 @@ from rr_jax import datasets, linear_probe, sources, train
 from rr_jax.augment import normalize_images
 from rr_jax.checkpoint import Checkpointer, restore_probe
 from rr_jax.errors import Preempted
-from rr_jax.features import restore_backbone
+from rr_jax.evaluation_inputs import restore_backbone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
