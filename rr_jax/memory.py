@@ -14,6 +14,7 @@ way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -114,15 +115,28 @@ class _Estimates:
     def __call__(self, overrides: Mapping[str, int]) -> int:
         key = tuple(sorted(overrides.items()))
         if key not in self._known:
-            need = step_bytes(self._lower(overrides).compile(self._options))
-            self._known[key] = need * self._memory.shared_by
+            compiled, _ = compile_or_out_of_memory(self._lower(overrides), self._options)
+            self._known[key] = math.inf if compiled is None else step_bytes(compiled) * self._memory.shared_by
         return self._known[key]
+
+
+def compile_or_out_of_memory(lowered: jax.stages.Lowered, options: dict | None = None
+                             ) -> tuple[jax.stages.Compiled | None, str]:
+    """(the compiled step, '') or, where compiling it runs out of device memory (XLA:GPU
+    allocates while it autotunes, so a step far too large fails here already), (None,
+    the error's first line)."""
+    try:
+        return lowered.compile(options), ""
+    except jax.errors.JaxRuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        return None, str(error).splitlines()[0]
 
 
 def largest_fitting(size: Size, need_at: Callable[[int], int], limit: int) -> int | None:
     """The largest value v of `size` below its own (minimum + n * step) whose step needs
-    at most `limit` bytes (`need_at(v)`, taken to grow with v), or None if not even the
-    minimum fits.
+    at most `limit` bytes (`need_at(v)`, taken to grow with v; inf where the step did not
+    compile for lack of memory), or None if not even the minimum fits.
 
     A polynomial of `size.degree` through the run's value and the smallest values gives
     a first guess; compiling at the guess and the value above it usually settles it,
@@ -130,9 +144,12 @@ def largest_fitting(size: Size, need_at: Callable[[int], int], limit: int) -> in
     units = list(range(size.minimum, size.value, size.step))
     if not units:
         return None
-    points = units[: size.degree] + [size.value]
-    fit = np.polynomial.Polynomial.fit(points, [need_at(v) for v in points], len(points) - 1)
-    guess = max((i for i, v in enumerate(units) if fit(v) <= limit), default=0)
+    points = [(v, need_at(v)) for v in units[: size.degree] + [size.value]]
+    points = [(v, need) for v, need in points if math.isfinite(need)]  # inf: did not even compile
+    guess = 0
+    if len(points) > 1:
+        fit = np.polynomial.Polynomial.fit(*zip(*points), len(points) - 1)
+        guess = max((i for i, v in enumerate(units) if fit(v) <= limit), default=0)
 
     def fits(i: int) -> bool:
         return need_at(units[i]) <= limit
@@ -205,9 +222,20 @@ def compile_checked(
       OutOfMemoryError: the estimate exceeds the memory; the message gives both in
         bytes and the largest value of each of `sizes` that fits.
     """
-    compiled = lower({}).compile()
-    need = step_bytes(compiled)
+    compiled, compile_error = compile_or_out_of_memory(lower({}))
     memory = memory or device_memory(devices)
+    settings = ", ".join(f"{s.name}={s.value}" for s in sizes)
+    if compiled is None:  # far too large: the compiler itself ran out of device memory
+        advice = ""
+        if memory is not None:
+            estimates = _Estimates(lower, memory, devices[0].platform)
+            for overrides in ({}, *({s.key: s.value} for s in sizes)):
+                estimates.put(overrides, math.inf)
+            advice = _advice(sizes, memory.bytes, estimates) + ". "
+        raise OutOfMemoryError(
+            f"The train step ({settings}) does not fit: compiling it ran out of device memory ({compile_error}). "
+            f"{advice}Lower {' or '.join(s.name for s in sizes)} (or spread M over more devices).")
+    need = step_bytes(compiled)
     if need is None or memory is None:
         logging.info("The train step's memory is not checked: %s.",
                      "XLA gives no memory analysis here" if need is None else "the device's memory is unknown")
@@ -220,7 +248,6 @@ def compile_checked(
     estimates.put({}, total)
     for size in sizes:
         estimates.put({size.key: size.value}, total)
-    settings = ", ".join(f"{s.name}={s.value}" for s in sizes)
     if total > memory.bytes:
         logging.info("The step does not fit; compiling it at smaller sizes to find what fits.")
         raise OutOfMemoryError(

@@ -200,3 +200,27 @@ def test_pretraining_compiles_the_step_once_and_runs_that_executable(tmp_path, m
     assert [(spy.lowered, spy.called) for spy in made] == [(1, 0)]  # lowered once, run as compiled
     assert re.search(r"The train step needs 8 x [\d.]+ MiB = [\d.]+ MiB of [\d.]+ GiB \(available host RAM "
                      r"\(MemAvailable, shared by 8 CPU devices\); XLA's memory analysis", caplog.text)
+
+
+def test_a_step_whose_compile_runs_out_of_memory_is_one_message_with_advice(step):
+    """XLA:GPU allocates while it autotunes, so a step far too large fails to compile:
+    that is the same one message, and the advice counts such sizes as not fitting."""
+    limit = 10 * need_at(step)
+
+    def lower(overrides):  # K > 4 does not even compile, like K=2000 on a GPU
+        lowered = step.lower(overrides)
+
+        def compile(*options):
+            if overrides.get("relational.num_views", 6) > 4:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 244.03GiB")
+            return lowered.compile(*options)
+
+        return types.SimpleNamespace(compile=compile)
+
+    with pytest.raises(OutOfMemoryError) as error:
+        memory.compile_checked(lower, step.sizes, devices=jax.local_devices(), memory=memory.Memory(limit, "the test's limit"))
+    message = str(error.value)
+    assert message.startswith("The train step (K=6, M=32) does not fit: compiling it ran out of device memory "
+                              "(RESOURCE_EXHAUSTED: Out of memory while trying to allocate 244.03GiB).")
+    assert f"K: relational.num_views=4 (needs {memory._size(need_at(step, 'relational.num_views', 4))})" in message
+    assert "M: none, not even batch_size=16" in message  # at K=6 no M compiles
