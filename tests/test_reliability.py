@@ -132,10 +132,12 @@ def test_rr_jax_workdirs_are_recognised(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "killed_at_start").mkdir()
     (tmp_path / "killed_at_start" / "lock").write_text("")  # created, not yet written
+    (tmp_path / "other_host_first").mkdir()  # process 1 of a multi-host run opened it before process 0
+    (tmp_path / "other_host_first" / "log.process1.txt").write_text("")
     writer = Checkpointer(str(tmp_path / "imported"))  # what rr_jax.convert makes
     writer.save_weights(0, {"w": np.zeros(2)}, {"dataset": "cifar10"})
     writer.wait()
-    for name in ("new", "empty", "killed_at_start", "imported"):
+    for name in ("new", "empty", "killed_at_start", "other_host_first", "imported"):
         assert is_run_directory(str(tmp_path / name)) == (name != "empty")
         with RunDirectory(str(tmp_path / name)):
             pass
