@@ -31,6 +31,7 @@ LOCK_FILE = "lock"
 LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+_OTHER_PROCESS_LOG = re.compile(r"log\.process\d+\.txt")  # RunDirectory's log file of process > 0
 # What `RunDirectory._take_lock` writes into the lock file: its holder.
 _LOCK_HOLDER = re.compile(r"process \d+ on \S+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
@@ -129,8 +130,12 @@ def unknown_key_message(override: str, config: Mapping[str, Any]) -> str | None:
 
 def is_run_directory(workdir: str) -> bool:
     """Whether `workdir` is a directory rr_jax made: it holds the lock file of a run
-    (written first by every run: empty, or naming its holder), or the checkpoints of
-    imported weights (`rr_jax.convert`: checkpoints/<step>/backbone)."""
+    (written first by every run: empty, or naming its holder), only the log files of a
+    multi-host run's other processes (which may start before process 0 locks), or the
+    checkpoints of imported weights (`rr_jax.convert`: checkpoints/<step>/backbone)."""
+    entries = os.listdir(workdir)
+    if entries and all(_OTHER_PROCESS_LOG.fullmatch(name) for name in entries):
+        return True
     lock = os.path.join(workdir, LOCK_FILE)
     if os.path.isfile(lock):
         with open(lock, errors="replace") as f:
@@ -237,8 +242,7 @@ class RunDirectory:
         return os.path.join(self.workdir, self._log_name)
 
     def __enter__(self) -> RunDirectory:
-        if self.primary:
-            check_workdir(self.workdir)
+        check_workdir(self.workdir)  # every process: none writes into a directory rr_jax did not make
         try:
             os.makedirs(self.workdir, exist_ok=True)
         except OSError as error:

@@ -162,9 +162,9 @@ def test_nan_loss_stops_with_the_step_and_is_not_checkpointed(tmp_path, fast_com
     config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=4, **{
         "model.backbone": "conv4", "optimizer.learning_rate": 1e38, "checkpoint.every_steps": 1})
     with mocked_tfds(tmp_path / "tfds", 64), pytest.raises(FloatingPointError, match="at step [2-4]"):
-        train.pretrain(config, str(tmp_path))
-    for step in Checkpointer(str(tmp_path)).all_steps():
-        state, _ = Checkpointer(str(tmp_path)).restore_backbone(step)
+        train.pretrain(config, str(tmp_path / "run"))
+    for step in Checkpointer(str(tmp_path / "run")).all_steps():
+        state, _ = Checkpointer(str(tmp_path / "run")).restore_backbone(step)
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
 

@@ -133,10 +133,12 @@ def test_rr_jax_workdirs_are_recognised(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "killed_at_start").mkdir()
     (tmp_path / "killed_at_start" / "lock").write_text("")  # created, not yet written
+    (tmp_path / "other_host_first").mkdir()  # process 1 of a multi-host run opened it before process 0
+    (tmp_path / "other_host_first" / "log.process1.txt").write_text("")
     writer = Checkpointer(str(tmp_path / "imported"))  # what rr_jax.convert makes
     writer.save_weights(0, {"w": np.zeros(2)}, {"dataset": "cifar10"})
     writer.wait()
-    for name in ("new", "empty", "killed_at_start", "imported"):
+    for name in ("new", "empty", "killed_at_start", "other_host_first", "imported"):
         assert is_run_directory(str(tmp_path / name)) == (name != "empty")
         with RunDirectory(str(tmp_path / name)):
             pass
@@ -425,9 +427,9 @@ def _sigint_as_in_a_terminal():
 
 
 def _wait_for(path, predicate, process, timeout=600):
-    """Polls until `path` exists and `predicate(its text)` holds; fails if `process` ends first."""
+    """Polls until `path` exists and `predicate(path)` holds; fails if `process` ends first."""
     deadline = time.time() + timeout
-    while not (path.exists() and predicate(path.read_text())):
+    while not (path.exists() and predicate(path)):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, f"timed out waiting for {path}"
         time.sleep(0.3)
@@ -437,7 +439,7 @@ def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
     workdir = tmp_path / "run"
     first = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000")
     metrics = workdir / "metrics.jsonl"
-    _wait_for(metrics, lambda text: len(text.splitlines()) >= 3, first)
+    _wait_for(metrics, lambda path: len(path.read_text().splitlines()) >= 3, first)
 
     second = _launch(workdir, fashion_mnist_dir, "--config.max_steps=4")
     _, err = second.communicate(timeout=600)
@@ -472,7 +474,7 @@ def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
 def test_launch_ctrl_c_saves_the_step_reached_and_during_the_probe_a_rerun_finishes(tmp_path, fashion_mnist_dir):
     workdir = tmp_path / "run"
     first = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000", "--config.checkpoint.every_steps=1000")
-    _wait_for(workdir / "metrics.jsonl", lambda text: len(text.splitlines()) >= 3, first)
+    _wait_for(workdir / "metrics.jsonl", lambda path: len(path.read_text().splitlines()) >= 3, first)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=600)
     assert first.returncode == 130, err
@@ -484,7 +486,7 @@ def test_launch_ctrl_c_saves_the_step_reached_and_during_the_probe_a_rerun_finis
 
     end = f"--config.max_steps={stopped + 2}"
     probing = _launch(workdir, fashion_mnist_dir, end, "--config.probe.epochs=100000")
-    _wait_for(workdir / "log.txt", lambda text: "Probe epoch" in text, probing)
+    _wait_for(workdir / "log.txt", lambda path: "Probe epoch" in path.read_text(), probing)
     probing.send_signal(signal.SIGINT)
     _, err = probing.communicate(timeout=600)
     assert probing.returncode == 130, err
@@ -507,6 +509,22 @@ def test_launch_refuses_a_directory_it_did_not_make(tmp_path, fashion_mnist_dir)
     assert refused.returncode == 2, err
     assert "is not an rr_jax workdir: it holds metrics.jsonl." in err and "Traceback" not in err
     assert _snapshot(tmp_path) == before
+
+
+def test_launch_on_a_full_disk_says_so_once(tmp_path, fashion_mnist_dir, small_filesystem):
+    workdir = small_filesystem / "run"
+    run = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000", "--config.checkpoint.every_steps=1")
+    _wait_for(workdir / "checkpoints" / "2", os.path.isdir, run)
+    _fill(small_filesystem)
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 74, err
+    (message,) = [line for line in err.splitlines() if "Error" in line or "Traceback" in line]
+    step = int(re.search(r"checkpoint of step (\d+)", message).group(1))
+    assert message.startswith(f"Error: Cannot write the checkpoint of step {step} in {workdir}/checkpoints: "
+                              "No space left on device (errno 28).")
+    assert f"(the latest is step {step - 1})" in message
+    kept = Checkpointer(str(workdir)).all_steps()
+    assert kept[-1] == step - 1 and sorted(os.listdir(workdir / "checkpoints")) == sorted(map(str, kept))
 
 
 def test_second_ctrl_c_stops_at_once():
