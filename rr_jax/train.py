@@ -47,8 +47,8 @@ class TrainState:
     run's base key (step keys are derived from it and the step, so a resumed run draws
     exactly the keys an uninterrupted one would); objective_state: what the objective
     carries between steps ({} for most; DeepCluster's clusters; a momentum teacher's
-    parameters and BatchNorm statistics); online_probe: the online
-    linear probe's params and optimizer state (`rr_jax.online_probe`), None when it is off.
+    parameters and BatchNorm statistics); online_probe: the online linear probe's params
+    and optimizer state (`rr_jax.online_probe`), None when it is off.
     """
 
     step: jax.Array
@@ -161,11 +161,11 @@ def train_step(
     The objective makes K views of each image on device; its `teacher` may run networks
     no gradient reaches (a momentum teacher); the backbone runs once on all K*B views;
     the objective's loss scores them; an optimizer step follows, then the objective's
-    `update_state` (the teacher's moving average). Under
-    `axis_name`, gradients and BatchNorm statistics are averaged over devices and each
-    device augments with its own key; the loss's key is shared when the objective asks
-    for it (e.g. one derangement of the whole batch). Metrics are device means, except
-    counts (names starting with 'num_', e.g. 'num_pairs'), which are totals over devices.
+    `update_state` (the teacher's moving average). Under `axis_name`, gradients and
+    BatchNorm statistics are averaged over devices and each device augments with its own
+    key; the loss's key is shared when the objective asks for it (e.g. one derangement
+    of the whole batch). Metrics are device means, except counts (names starting with
+    'num_', e.g. 'num_pairs'), which are totals over devices.
     With `state.online_probe` set, `probe_optimizer` takes one step of the online probe on
     the stop-gradient eval-mode features of the batch's unaugmented images (of
     'probe_image' / 'probe_label' when the batch carries those: labelled images
