@@ -70,8 +70,9 @@ def test_eight_device_step_equals_one_device_step():
         ("model.backbone", "vit", "config.model.backbone='vit'.*'conv4'"),
         ("relational.aggregation", "prod", "config.relational.aggregation='prod'.*'cat'"),
         ("relational.loss", "hinge", "config.relational.loss='hinge'.*'focal'"),
-        ("method", "byol", "config.method='byol'.*'supervised', 'random', 'deepcluster', 'rotationnet', "
-                           "'deepinfomax', 'simclr', 'relational'"),
+        ("method", "swav", "config.method='swav'.*'supervised', 'random', 'deepcluster', 'rotationnet', "
+                           "'deepinfomax', 'simclr', 'relational', 'byol', 'mocov3', 'dino', 'barlow_twins', "
+                           "'vicreg', 'simsiam'"),
         ("relational.num_views", 1, "config.relational.num_views=1.*K must be >= 2"),
         ("batch_size", 12, "config.batch_size=12.*divisible by the device count 8"),
         ("batch_size", 8, "config.batch_size=8.*>= 2 images"),

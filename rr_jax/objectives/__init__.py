@@ -156,8 +156,9 @@ class Objective:
         """(loss, metrics, the head's new batch_stats) of one device's batch.
 
         features: float[K, B, D], the backbone on the K views of B images; targets: as
-        `inputs` returns them; intermediates: what `capture` captured. Under `axis_name`
-        the loss's gradient, averaged over devices, must be the whole batch's gradient.
+        `teacher` returns them (by default as `inputs` does); intermediates: what
+        `capture` captured. Under `axis_name` the loss's gradient, averaged over devices,
+        must be the whole batch's gradient.
         """
         raise NotImplementedError
 
