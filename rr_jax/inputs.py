@@ -21,6 +21,7 @@ from absl import logging
 
 from rr_jax import batching, datasets, image_folder, sources, streaming
 from rr_jax.config import STREAMING
+from rr_jax.errors import DatasetNotFoundError
 from rr_jax.objectives import config_error
 
 
@@ -174,21 +175,34 @@ def check_splits(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, 
     evaluated = []
     if config.probe.enabled or config.knn_monitor.every_steps or config.online_probe.every_steps:
         evaluated = [spec.train_split, spec.test_split]
-    sizes = {split: sources.split_size(spec, split, config.data_dir) for split in dict.fromkeys(batched + evaluated)}
+    sizes = {split: sources.split_size(spec, split, config.data_dir) for split in dict.fromkeys(batched)}
+    for split in evaluated:
+        try:
+            sizes[split] = sources.split_size(spec, split, config.data_dir)
+        except DatasetNotFoundError as error:
+            if spec.folder_layout is None:
+                raise
+            raise DatasetNotFoundError(
+                f"{error} The linear probe (probe.enabled) and the monitors (knn_monitor, online_probe) read the "
+                f"{split!r} split; provide it, or set config.probe.holdout_fraction > 0 to hold out part of the train "
+                "split for them, or turn them off.") from error
     for split in batched:
         if config.batch_size > sizes[split]:
             fitting = sizes[split] // device_count * device_count
-            allowed = (f"use at most {fitting} (a multiple of the {device_count} device(s))"
-                       if fitting >= 2 * device_count else
-                       f"it is smaller than 2 images for each of the {device_count} device(s)")
+            allowed = ("it is smaller than 2 images for each device" if fitting < 2 * device_count else
+                       f"use at most {fitting}" + (f" (a multiple of the {device_count} devices)" if device_count > 1 else ""))
             raise config_error("batch_size", config.batch_size,
-                               f"split {spec.describe_split(split)!r} of {config.dataset} holds {sizes[split]} "
-                               f"images; {allowed}")
+                               f"the split {_named(spec, split)} of {config.dataset} holds {sizes[split]} images; {allowed}")
     if config.knn_monitor.every_steps:
         bank = min(config.knn_monitor.num_train, sizes[spec.train_split])
         if config.knn_monitor.k > bank:
             raise config_error("knn_monitor.k", config.knn_monitor.k,
-                               f"the kNN bank holds {bank} images of split {spec.describe_split(spec.train_split)!r}; "
+                               f"the kNN bank holds {bank} images of the split {_named(spec, spec.train_split)}; "
                                f"use at most {bank}")
     return sizes
 
+
+def _named(spec: datasets.DatasetSpec, split: str) -> str:
+    """'train', or 'train' (train without the 10% held out as the test split)."""
+    made = spec.describe_split(split)
+    return repr(split) if made == split else f"{split!r} ({made})"

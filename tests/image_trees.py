@@ -45,3 +45,16 @@ def slimagenet_tree(root, per_class=(5, 2), seed=1):
             for i in range(count):
                 _write(os.path.join(root, split, name, f"{name}_{i}.png"), rng)
     return root
+
+
+def class_folders_tree(root, per_class=(10, 7, 3), size=(16, 16), seed=2):
+    """ROOT/<class>/<image>.png, the README's first layout (no test split), with
+    per_class[i] images of class WNIDS[i]. Returns (root, files in label order)."""
+    rng = np.random.default_rng(seed)
+    root = os.path.join(root, "tree")
+    for name, count in zip(WNIDS, per_class):
+        for i in range(count):
+            _write(os.path.join(root, name, f"{name}_{i:02d}.png"), rng, size)
+    files = [os.path.join(root, name, f"{name}_{i:02d}.png")
+             for name, count in sorted(zip(WNIDS, per_class)) for i in range(count)]
+    return root, files

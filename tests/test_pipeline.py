@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import mocked_tfds, numpy_knn_top1
-from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
+from image_trees import WNIDS, class_folders_tree, slimagenet_tree, tiny_imagenet_tree
 
-from rr_jax import datasets, linear_probe, sources, train
+from rr_jax import batching, datasets, linear_probe, sources, train
 from rr_jax.augment import normalize_images
 from rr_jax.checkpoint import Checkpointer, restore_probe
+from rr_jax.config import base_config
 from rr_jax.errors import Preempted
 from rr_jax.evaluation_inputs import restore_backbone
 
@@ -201,3 +202,27 @@ def test_probe_streams_a_large_split_and_agrees_with_memory(tmp_path, monkeypatc
     assert streamed["top1"] == loaded["top1"]
     for a, b in zip(jax.tree.leaves(streamed_head), jax.tree.leaves(restore_probe(os.path.join(workdir, loaded["name"])))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tree_without_a_test_split_is_probed_on_images_pretraining_never_saw(tmp_path, monkeypatch, fast_compile):
+    root, _ = class_folders_tree(str(tmp_path / "folders"))  # ROOT/<class>/<image>, 20 images, no test split
+    config = tiny(base_config(), tmp_path / "tfds", max_steps=2, dataset="image_folder", image_folder=root, **{
+        "data.image_size": 16, "model.backbone": "conv4"})
+    pretrained_on = []
+    real_batches = batching.batches
+
+    def recorded(images, labels, **order):
+        pretrained_on.append(images)
+        return real_batches(images, labels, **order)
+
+    monkeypatch.setattr(batching, "batches", recorded)
+    workdir = str(tmp_path / "run")
+    train.pretrain(config, workdir)
+    results = linear_probe.run_probe(workdir, epochs=1)  # as launch.py runs it, from the saved config
+    assert results["test_split"] == "held out 10% of train (class-balanced, seed 0)"
+    assert (results["num_train"], results["num_test"]) == (17, 3)  # 1 of each class's 7, 3 and 10
+    assert json.loads(pathlib.Path(workdir, "probe_results.json").read_text())["test_split"] == results["test_split"]
+    spec = train.inputs.dataset_spec(config)
+    held_out = {image.tobytes() for image in sources.load_split(spec, spec.test_split, config.data_dir)[0]}
+    (images,) = pretrained_on
+    assert len(images) == 17 and not held_out & {image.tobytes() for image in images}

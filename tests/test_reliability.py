@@ -19,12 +19,22 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 from conftest import mocked_tfds
+from image_trees import class_folders_tree, slimagenet_tree
 from test_pipeline import load_config, tiny
 
 from rr_jax import config as config_lib
 from rr_jax import datasets, resume, sources, train
 from rr_jax.checkpoint import Checkpointer
-from rr_jax.errors import CheckpointWriteError, ConfigError, DatasetError, ResumeError, UserError, WorkdirBusyError
+from rr_jax.errors import (
+    CheckpointWriteError,
+    ConfigError,
+    DatasetContentError,
+    DatasetError,
+    DatasetNotFoundError,
+    ResumeError,
+    UserError,
+    WorkdirBusyError,
+)
 from rr_jax.run_dir import RunDirectory, check_resumable, is_run_directory, third_party_logs_to_file, unknown_key_message
 from rr_jax.step import make_backbone
 
@@ -74,6 +84,13 @@ def test_resume_refuses_changed_fields_and_names_them():
     assert "max_steps" not in message.split("Fields that may")[0] and "step 50" in message
     check_resumable(saved, current.to_dict(), step=50, allow=("relational.num_views", "relational.hidden_dim"))
     check_resumable(saved, current.to_dict(), step=50, only=("model.backbone",))
+    # The probe may change, not the images its hold-out took away from pretraining.
+    current = config_lib.base_config()
+    current.probe.epochs, current.probe.enabled = 5, False
+    check_resumable(saved, current.to_dict(), step=50)
+    current.probe.holdout_fraction, current.probe.holdout_seed = 0.2, 1
+    with pytest.raises(ResumeError, match="probe.holdout_fraction: checkpoint 0.1, now 0.2"):
+        check_resumable(saved, current.to_dict(), step=50)
 
 
 def test_unknown_config_keys_get_a_close_match():
@@ -153,6 +170,8 @@ def test_rr_jax_workdirs_are_recognised(tmp_path):
     ("augment.crop_scale", (0.9, 0.1), "crop_scale"),
     ("seed", -1, "config.seed"),
     ("optimizer.momentum", 1.0, "config.optimizer.momentum"),
+    ("probe.holdout_fraction", 1.0, r"config.probe.holdout_fraction=1.0 is not allowed: it must be in \[0, 1\)"),
+    ("probe.holdout_seed", -1, "config.probe.holdout_seed=-1"),
 ])
 def test_late_fields_are_validated_before_anything_is_created(tmp_path, key, value, match):
     config = config_lib.base_config()
@@ -372,6 +391,54 @@ def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, mon
 
 
 # ------------------------------------------------------------------ data
+
+
+def _folder_run(tmp_path, root, **overrides):
+    """A conv4 run on an image folder of 16x16 images: the config and its workdir."""
+    return tiny(config_lib.base_config(), tmp_path / "tfds", max_steps=1, **{
+        "dataset": "image_folder", "image_folder": root, "data.image_size": 16, "model.backbone": "conv4",
+        **overrides}), tmp_path / "run"
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("batch larger than the split", ConfigError,
+     r"config.batch_size=24 is not allowed: the split 'train' \(train without the 10% held out as the test split\) of "
+     r"image_folder holds 17 images; use at most 16 \(a multiple of the 8 devices\)"),
+    ("no test split and no hold-out", DatasetNotFoundError,
+     r"The 'test' split folder .*tree/test' was not found.* set config.probe.holdout_fraction > 0"),
+    ("a test image that does not decode", DatasetContentError, r"Cannot decode image file .*/test/n02/n02_1.png"),
+    ("kNN bank smaller than k", ConfigError, r"config.knn_monitor.k=20 is not allowed: the kNN bank holds 17 images"),
+])
+def test_data_errors_end_the_run_before_anything_is_trained(tmp_path, case, error, match):
+    root, _ = class_folders_tree(str(tmp_path))  # 20 images; 17 after the hold-out of 10% (3 classes)
+    overrides = {"batch larger than the split": {"batch_size": 24},
+                 "no test split and no hold-out": {"probe.holdout_fraction": 0.0},
+                 "kNN bank smaller than k": {"knn_monitor.every_steps": 1}}.get(case, {})
+    if case == "a test image that does not decode":
+        root = slimagenet_tree(str(tmp_path / "folders"), per_class=(2, 2))
+        with open(os.path.join(root, "test", "n02", "n02_1.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n not an image")
+    config, workdir = _folder_run(tmp_path, root, **overrides)
+    with pytest.raises(error, match=match) as raised:
+        train.pretrain(config, str(workdir))
+    assert isinstance(raised.value, UserError)  # launch.py: this message alone, exit code 2
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+def test_launch_ends_a_batch_larger_than_the_split_with_one_line(tmp_path):
+    root, _ = class_folders_tree(str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "launch.py", "--config=configs/fashion_mnist.py", "--config.dataset=image_folder",
+         f"--config.image_folder={root}", f"--config.data_dir={tmp_path / 'tfds'}", "--config.data.image_size=16",
+         "--config.data.mean=(0.5,0.5,0.5)", "--config.data.std=(0.25,0.25,0.25)", "--config.batch_size=18",
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "Error: config.batch_size=18 is not allowed: the split 'train' (train without the 10% held out as the test "
+        "split) of image_folder holds 17 images; use at most 17.")
+    assert "Traceback" not in result.stderr
 
 
 def test_damaged_dataset_names_the_directory_and_the_fix(tmp_path, fashion_mnist_dir):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from image_trees import WNIDS, slimagenet_tree, tiny_imagenet_tree
+from image_trees import WNIDS, class_folders_tree, slimagenet_tree, tiny_imagenet_tree
 from PIL import Image
 
 from rr_jax import batching, datasets, image_folder, inputs, sources, streaming
@@ -286,3 +286,46 @@ def test_imagenet_config_is_valid_and_missing_files_say_where_to_put_them(tmp_pa
     manual = os.path.join(str(tmp_path), "downloads", "manual")
     with pytest.raises(FileNotFoundError, match=f"ILSVRC2012_img_train.tar.*{manual}"):
         sources.record_source(spec, "train", str(tmp_path))
+
+
+def test_a_tree_without_a_test_split_holds_out_a_balanced_seeded_part_of_train(tmp_path):
+    root, files = class_folders_tree(str(tmp_path))  # classes n01, n02, n03: 7, 3, 10 images
+    labels = np.repeat(np.arange(3), (7, 3, 10))
+    config = base_config()
+    config.dataset, config.image_folder, config.data.image_size = "image_folder", root, 16
+    config.probe.holdout_fraction = 0.25
+    spec = inputs.dataset_spec(config)
+    assert (spec.holdout, spec.test_split) == (datasets.Holdout(0.25, 0), datasets.HELD_OUT_SPLIT)
+    assert spec.describe_split(spec.test_split) == "held out 25% of train (class-balanced, seed 0)"
+    data_dir = str(tmp_path / "tfds")
+    held_images, held_labels = sources.load_split(spec, spec.test_split, data_dir)
+    train_images, train_labels = sources.load_split(spec, spec.train_split, data_dir)
+    # Each class keeps round(25%) of its images, at least one: 7 -> 2, 3 -> 1, 10 -> 2.
+    np.testing.assert_array_equal(np.bincount(held_labels), [2, 1, 2])
+    np.testing.assert_array_equal(np.bincount(train_labels), [5, 2, 8])
+    assert sources.split_size(spec, spec.test_split, data_dir) == 5 and sources.split_size(spec, "train", data_dir) == 15
+    # Together the two are the tree, each image once; the held-out ones are in neither twice.
+    pixels = {pil_image(f).tobytes(): label for f, label in zip(files, labels)}
+    seen = [image.tobytes() for image in np.concatenate([held_images, train_images])]
+    assert sorted(seen) == sorted(pixels) and len(set(seen)) == 20
+    assert [pixels[image.tobytes()] for image in held_images] == list(held_labels)
+    # The same images from the saved config (the probe's), another seed other images.
+    again = inputs.dataset_spec(config.to_dict())
+    np.testing.assert_array_equal(sources.load_split(again, again.test_split, data_dir)[0], held_images)
+    config.probe.holdout_seed = 1
+    other = inputs.dataset_spec(config)
+    assert not np.array_equal(sources.load_split(other, other.test_split, data_dir)[0], held_images)
+    # No hold-out with a fraction of 0, in configs saved without the fields, or with a test split.
+    config.probe.holdout_fraction = 0.0
+    assert inputs.dataset_spec(config).holdout is None
+    saved = config.to_dict()
+    del saved["probe"]["holdout_fraction"]
+    assert inputs.dataset_spec(saved).holdout is None
+    config.probe.holdout_fraction = 0.25
+    os.makedirs(os.path.join(root, "train"))
+    for name in CLASSES:
+        os.replace(os.path.join(root, name), os.path.join(root, "train", name))
+    slimagenet = slimagenet_tree(str(tmp_path / "with_test"))
+    assert inputs.dataset_spec(config).holdout is not None  # ROOT/train without ROOT/test
+    config.image_folder = slimagenet
+    assert inputs.dataset_spec(config).holdout is None and inputs.dataset_spec(config).test_split == "test"
