@@ -63,9 +63,11 @@ def main() -> None:
     for case in args.cases.split(","):
         backbone, views, dataset = case.split(":")
         lower = lowering(backbone, int(views), dataset, args.batch)
-        need = memory.step_bytes(lower({}).compile())
-        fits = need <= available.bytes
-        print(f"| {backbone} | {views} | {dataset} | {args.batch} | {need / 2**30:.2f} | {'yes' if fits else 'no'} |")
+        compiled, error = memory.compile_or_out_of_memory(lower({}))
+        need = memory.step_bytes(compiled) if compiled is not None else None
+        fits = need is not None and need <= available.bytes
+        shown = f"{need / 2**30:.2f}" if need is not None else f"compile ran out of memory ({error[:60]}...)"
+        print(f"| {backbone} | {views} | {dataset} | {args.batch} | {shown} | {'yes' if fits else 'no'} |")
         if not fits:
             sizes = [memory.Size("K", "relational.num_views", int(views), minimum=2, degree=2),
                      memory.Size("M", "batch_size", args.batch, minimum=2)]
