@@ -35,6 +35,7 @@ import sys
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from malloc import keep_freed_memory  # noqa: E402
 from steps import (  # noqa: E402
@@ -99,7 +100,7 @@ def breakdown_rows(backbones: list[str], views_list: list[int], repeats: int) ->
         for views in views_list:
             step, (state, batch) = whole_step(name, views)
             params, stats = jax.tree.map(lambda x: x[0], (state.params, state.batch_stats))
-            images = jax.numpy.asarray(batch["image"].reshape(-1, *spec.image_shape))
+            images = jnp.asarray(batch["image"].reshape(-1, *spec.image_shape))
             embeddings = jax.random.normal(jax.random.key(1), (views, BATCH, feature_size(name, spec.image_shape)))
             optimizer = make_optimizer(pretraining_config(name, views), total_steps=1)
             views_array = jax.jit(lambda key: rr_jax.augment_views(key, images, views, augment))(

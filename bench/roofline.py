@@ -47,7 +47,7 @@ def step_costs(backbone: str, views: int, dataset: str, dtype: str) -> dict[str,
     """FLOPs, bytes accessed and peak temporary bytes of one compiled step, and the bytes
     its HLO accesses before any fusion (every op reading and writing memory)."""
     step, inputs = whole_step(backbone, views, dataset=dataset, dtype=dtype)
-    lowered = step.lower(*inputs)
+    lowered = jax.jit(step).lower(*inputs)
     compiled = lowered.compile(CPU_DEFAULTS)
     cost, unfused = (c[0] if isinstance(c, list) else c for c in (compiled.cost_analysis(), lowered.cost_analysis()))
     return {"flops": cost["flops"], "bytes": cost["bytes accessed"], "unfused bytes": unfused["bytes accessed"],

@@ -48,9 +48,10 @@ def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: st
                batch: int = BATCH, head: str = "mlp", devices: int | None = None):
     """The pmapped pretraining step as `launch.py` builds it, and inputs for it.
 
-    Returns (jitted step, (replicated state, batch)); the batch holds `batch` random
-    uint8 images of the dataset's shape split over the first `devices` local devices
-    (default: all of them), where the state is replicated.
+    Returns (step, (replicated state, batch)): the pmapped step, not jitted (see
+    `timing.compile_fn`), and `batch` random uint8 images of the dataset's shape split
+    over the first `devices` local devices (default: all of them), where the state is
+    replicated.
     """
     spec = get_dataset_spec(dataset)
     devices = devices or jax.local_device_count()
@@ -70,7 +71,7 @@ def whole_step(backbone: str, views: int, *, dataset: str = "cifar10", dtype: st
     rng = np.random.default_rng(0)
     images = {"image": rng.integers(0, 256, (devices, batch // devices, *spec.image_shape), np.uint8),
               "label": rng.integers(0, spec.num_classes, (devices, batch // devices), np.int32)}
-    return jax.jit(step), (state, images)
+    return step, (state, images)
 
 
 def backbone_grad(model: nn.Module, *, train: bool = True, kernel_grads: bool = True,

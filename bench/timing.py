@@ -14,8 +14,9 @@ Run = Callable[[], object]
 
 
 def compile_fn(fn: Callable, *args, options: dict | None = None) -> tuple[jax.stages.Compiled, float]:
-    """`jax.jit(fn)` (fn jitted or not) compiled for `args` (arrays or ShapeDtypeStructs)
-    with XLA `options`; returns (executable, compile seconds)."""
+    """`jax.jit(fn)` compiled for `args` (arrays or ShapeDtypeStructs) with XLA `options`;
+    returns (executable, compile seconds). Pass fn unjitted: a jit around a jitted
+    function compiles to a program with other temporary buffers."""
     start = time.perf_counter()
     executable = jax.jit(fn).lower(*args).compile(options)
     return executable, time.perf_counter() - start
