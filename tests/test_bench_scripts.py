@@ -64,8 +64,8 @@ def test_bench_script_uses_only_existing_api(script):
 
 
 def test_the_check_catches_a_stale_name_and_keyword():
-    tree = ast.parse("from rr_jax import train\ntrain.objective_options(c)\n"
-                     "create_train_state(k, b, o, s, options=1)\n")
+    tree = ast.parse("from rr_jax import step, train\ntrain.objective_options(c)\n"
+                     "step.create_train_state(k, b, o, s, options=1)\n")
     found = {(name, keywords) for _, _, name, keywords in rr_jax_references(tree)}
     assert ("objective_options", ()) in found and ("create_train_state", ("options",)) in found
     from rr_jax import train
