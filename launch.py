@@ -7,7 +7,7 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 Multi-host (TPU pods, GPU clusters): add --distributed (or give --coordinator_address,
 --num_processes and --process_id) on every host.
 
-Exit codes: 0 done; 2 a problem with the config, workdir, dataset or resume (one
+Exit codes: 0 done; 2 a problem with the config, workdir, dataset, memory or resume (one
 message; add --verbosity=1 for the traceback); 74 a checkpoint could not be written
 (disk full, permissions, quota: one message; fix the cause and re-run to resume); 130
 interrupted by Ctrl-C and 143 preempted by SIGTERM, after saving the checkpoint of the

@@ -183,7 +183,7 @@ class CheckedStep:
     """The compiled step; an out-of-memory error while it runs becomes OutOfMemoryError
     (one message with the advice) instead of XLA's traceback."""
 
-    def __init__(self, compiled: jax.stages.Compiled, on_out_of_memory: Callable[[str], str]):
+    def __init__(self, compiled: Callable, on_out_of_memory: Callable[[str], str]):
         self._compiled, self._on_out_of_memory = compiled, on_out_of_memory
 
     def __call__(self, *args):
@@ -207,6 +207,7 @@ def compile_checked(
     *,
     devices: Sequence[jax.Device],
     memory: Memory | None = None,
+    run: Callable | None = None,
 ) -> CheckedStep:
     """Compiles the run's step (`lower({})`), logs its memory estimate against the
     devices' memory and returns it ready to call in place of the jitted step.
@@ -217,6 +218,7 @@ def compile_checked(
       sizes: the config fields the advice searches (K, M), each at the others' values.
       devices: the devices the step runs on (this process's local devices).
       memory: what the step may use; default `device_memory(devices)`.
+      run: what the returned step calls; default the executable compiled here.
 
     Raises:
       OutOfMemoryError: the estimate exceeds the memory; the message gives both in
@@ -236,6 +238,7 @@ def compile_checked(
             f"The train step ({settings}) does not fit: compiling it ran out of device memory ({compile_error}). "
             f"{advice}Lower {' or '.join(s.name for s in sizes)} (or spread M over more devices).")
     need = step_bytes(compiled)
+    compiled = compiled if run is None else run
     if need is None or memory is None:
         logging.info("The train step's memory is not checked: %s.",
                      "XLA gives no memory analysis here" if need is None else "the device's memory is unknown")

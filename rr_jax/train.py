@@ -119,10 +119,17 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     labelled_alongside = state.online_probe is not None and not datasets.has_labels(split)
     step_fn = None
     if start < total_steps:  # compiled ahead of time, checked against the devices' memory, then run
+        pmapped = parallel_train_step(
+            backbone=backbone, optimizer=optimizer, objective=objective,
+            probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
+        )
         step_fn = memory.compile_checked(
-            functools.partial(_lower_step, config, spec, state=state, total_steps=total_steps,
+            functools.partial(_lower_step, config, spec, state=state, total_steps=total_steps, step=pmapped,
                               num_examples=num_examples, labelled_alongside=labelled_alongside),
             _searched_sizes(config), devices=jax.local_devices(),
+            # pmap's executables take no host-local arrays in multi-process runs: there
+            # the run calls the pmapped step (JAX's compilation cache holds the compile).
+            run=pmapped if jax.process_count() > 1 else None,
         )
     epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
     layout = dict(start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -214,11 +221,17 @@ def _lower_step(
     total_steps: int,
     num_examples: int,
     labelled_alongside: bool,
+    step: Callable | None = None,
 ) -> jax.stages.Lowered:
     """`parallel_train_step` of `config` with `overrides` ({key: value}, e.g.
     {'relational.num_views': 8}) lowered for its replicated state and a batch of
-    `inputs.pretrain_batch_shapes`; allocates nothing. `state`: the run's own state,
-    whose shapes the step without overrides takes (with overrides, those of a fresh one)."""
+    `inputs.pretrain_batch_shapes`. `state`: the run's own state, whose shapes the step
+    without overrides takes (with overrides, those of a fresh one); `step`: the run's
+    pmapped step, lowered without overrides (default: a new one).
+
+    Single-process runs lower abstract shapes and allocate nothing. pmap lowers only
+    host-local arrays in multi-process runs (it makes them global): there the step is
+    lowered for zeros of those shapes."""
     if overrides:
         config = config.copy_and_resolve_references()
         config.update_from_flattened_dict(overrides)
@@ -230,10 +243,13 @@ def _lower_step(
     replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct((devices, *np.shape(x)), x.dtype), state)
     batch = inputs.pretrain_batch_shapes(config, spec, process_count=jax.process_count(), local_device_count=devices,
                                          labelled_alongside=labelled_alongside)
-    step = parallel_train_step(
-        backbone=backbone, optimizer=optimizer, objective=objective,
-        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
-    )
+    if jax.process_count() > 1:
+        replicated, batch = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (replicated, batch))
+    if step is None or overrides:
+        step = parallel_train_step(
+            backbone=backbone, optimizer=optimizer, objective=objective,
+            probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
+        )
     return step.lower(replicated, batch)
 
 
