@@ -127,9 +127,10 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
             functools.partial(_lower_step, config, spec, state=state, total_steps=total_steps, step=pmapped,
                               num_examples=num_examples, labelled_alongside=labelled_alongside),
             _searched_sizes(config), devices=jax.local_devices(),
-            # pmap's executables take no host-local arrays in multi-process runs: there
-            # the run calls the pmapped step (JAX's compilation cache holds the compile).
-            run=pmapped if jax.process_count() > 1 else None,
+            # The run calls the pmapped step, not the AOT executable: pmap's executables take
+            # no host-local arrays in multi-process runs, and calling it directly aborted
+            # XLA:CPU in a DINO run with monitors (tests/test_momentum_methods.py resume test).
+            run=pmapped,
         )
     epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
     layout = dict(start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
