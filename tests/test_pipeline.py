@@ -71,8 +71,8 @@ def test_cifar10_config_end_to_end(tmp_path, fast_compile):
         features = [np.asarray(restored.backbone.apply(restored.variables, normalize_images(x, mean=spec.mean, std=spec.std),
                                                        train=False))
                     for x in (bank, queries)]
-        expected = numpy_knn_top1(features[0], bank_labels, features[1], query_labels, 5, 0.07, 10)
-        np.testing.assert_allclose(knn[step], expected)
+        expected, slack = numpy_knn_top1(features[0], bank_labels, features[1], query_labels, 5, 0.07, 10)
+        assert abs(knn[step] - expected) <= slack + 1e-9, (knn[step], expected, slack)
         singular = np.linalg.svd(features[1].astype(np.float64), compute_uv=False)
         p = singular / singular.sum() + 1e-7
         np.testing.assert_allclose(monitored[step]["rankme"], np.exp(-np.sum(p * np.log(p))), rtol=1e-4)
