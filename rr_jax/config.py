@@ -193,9 +193,10 @@ def validate_config(
     if config.batch_size % devices:
         _fail("batch_size", config.batch_size,
               f"the global batch must be divisible by the device count {devices}")
-    if config.batch_size // devices < 2:
+    if config.batch_size // devices < objective.min_images_per_device:
         _fail("batch_size", config.batch_size,
-              f"each of the {devices} devices needs >= 2 images to form negatives")
+              f"each of the {devices} devices needs >= {objective.min_images_per_device} images for "
+              f"{config.method}'s loss (negatives or batch statistics)")
     for key in ("seed", "probe.holdout_seed"):
         value = config
         for part in key.split("."):

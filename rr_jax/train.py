@@ -108,7 +108,8 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     optimizer = make_optimizer(config, total_steps)
     state = _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples)
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
-    state, start = restore_latest(checkpointer, state, config, allow_config_change, run.primary)
+    state, start = restore_latest(checkpointer, state, config, allow_config_change, run.primary,
+                                  objective=objective, num_examples=num_examples)
     if start:
         logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
     if dropped := run.trim_metrics(start):

@@ -56,6 +56,13 @@ class Objective:
       trains: False for a method that takes no step (random weights).
       has_epoch_hook: `start_epoch` must run at every epoch boundary.
       needs_labels: the loss reads the dataset's class labels (refused on a split without).
+      min_images_per_device: the fewest images of a device's batch the loss is defined
+        on (2: another image gives the negatives or the batch statistics).
+      settings: the fields a config sets, as `config.<name>.<key>`; their defaults are
+        the fields' own, written once. `setting_keys`: field -> config key where they differ.
+      head_fields: the config fields that shape the head's weights: a converted
+        checkpoint's head (rr_jax.convert) is imported by a method that names them, when
+        they agree.
 
     Fields:
       num_views: K, augmented views of each image per step.
@@ -67,6 +74,10 @@ class Objective:
     trains: ClassVar[bool] = True
     has_epoch_hook: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    min_images_per_device: ClassVar[int] = 2
+    settings: ClassVar[tuple[str, ...]] = ()
+    setting_keys: ClassVar[dict[str, str]] = {}
+    head_fields: ClassVar[tuple[str, ...]] = ()
 
     num_views: int = 1
     augment: Any = AugmentConfig()
@@ -75,8 +86,18 @@ class Objective:
 
     @classmethod
     def config_defaults(cls) -> ml_collections.ConfigDict | None:
-        """The method's own config fields, `config.<name>` (None: it has none)."""
-        return None
+        """The method's own config fields, `config.<name>` (None: it has none): the
+        defaults of its `settings`."""
+        if not cls.settings:
+            return None
+        defaults = _field_defaults(cls)
+        return ml_collections.ConfigDict({cls.setting_keys.get(field, field): defaults[field]
+                                          for field in cls.settings})
+
+    @classmethod
+    def setting_values(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """{field: value} of the method's `settings` in a config."""
+        return {field: config[cls.name][cls.setting_keys.get(field, field)] for field in cls.settings}
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -85,7 +106,9 @@ class Objective:
     @classmethod
     def views(cls, config: ml_collections.ConfigDict) -> int:
         """K of a config: augmented views of each image per step (0: no step)."""
-        return 1
+        if "num_views" in cls.settings:
+            return cls.setting_values(config)["num_views"]
+        return _field_defaults(cls)["num_views"]
 
     @classmethod
     def augment_config(cls, config: ml_collections.ConfigDict, spec: DatasetSpec) -> Any:
@@ -95,7 +118,8 @@ class Objective:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, spec: DatasetSpec) -> Objective:
         """The objective of a validated config on the dataset of `spec`."""
-        return cls(num_views=cls.views(config), augment=cls.augment_config(config, spec))
+        return cls(**{**cls.setting_values(config), "num_views": cls.views(config)},
+                   augment=cls.augment_config(config, spec))
 
     def for_run(self, total_steps: int) -> Objective:
         """The objective of a run of `total_steps` optimizer steps, for schedules over the
@@ -123,7 +147,7 @@ class Objective:
         (and the captured intermediates' shapes)."""
         raise NotImplementedError
 
-    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> Any:
+    def init_state(self, num_examples: int, variables: Variables) -> Any:
         """State carried between steps (a pytree; saved with the train state).
 
         variables: the initial {'params': {'backbone', 'head'}, 'batch_stats': {'backbone',
@@ -173,6 +197,10 @@ class Objective:
     def describe(self) -> str:
         """One line for the run log."""
         return f"{self.name}, K={self.num_views} views"
+
+
+def _field_defaults(cls: type[Objective]) -> dict[str, Any]:
+    return {field.name: field.default for field in dataclasses.fields(cls)}
 
 
 from rr_jax.objectives.barlow_twins import BarlowTwins  # noqa: E402

@@ -54,6 +54,7 @@ class BarlowTwins(Objective):
     """Fields: projector_hidden_dim, projector_dim, off_diagonal_weight."""
 
     name = "barlow_twins"
+    settings = ("projector_hidden_dim", "projector_dim", "off_diagonal_weight")
 
     num_views: int = 2
     projector_hidden_dim: int = 256
@@ -61,22 +62,9 @@ class BarlowTwins(Objective):
     off_diagonal_weight: float = 0.0051
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"projector_hidden_dim": 256, "projector_dim": 256,
-                                          "off_diagonal_weight": 0.0051})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("barlow_twins", config.barlow_twins, positive_ints=("projector_hidden_dim", "projector_dim"),
                        non_negative=("off_diagonal_weight",))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> BarlowTwins:
-        return cls(augment=cls.augment_config(config, spec), **config.barlow_twins.to_dict())
 
     def head(self, axis_name: str | None = None) -> SiameseHead:
         hidden = self.projector_hidden_dim

@@ -49,29 +49,17 @@ class BYOL(MomentumTeacher):
 
     name = "byol"
     teacher_parts = ("projector_mlp",)
+    settings = ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim", "base_momentum")
 
     projector_hidden_dim: int = 512
     projector_dim: int = 32
     predictor_hidden_dim: int = 512
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "projector_hidden_dim": 512, "projector_dim": 32, "predictor_hidden_dim": 512, "base_momentum": 0.99})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("byol", config.byol, positive_ints=("projector_hidden_dim", "projector_dim",
                                                            "predictor_hidden_dim"),
                        unit_interval=("base_momentum",))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> BYOL:
-        return cls(augment=cls.augment_config(config, spec), **config.byol.to_dict())
 
     def head(self, axis_name: str | None = None) -> SiameseHead:
         return SiameseHead((self.projector_hidden_dim, self.projector_dim),

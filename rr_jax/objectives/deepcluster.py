@@ -38,6 +38,7 @@ from rr_jax.objectives.common import CropFlip, classification_loss, crop_flip_vi
 
 HIDDEN_DIM = 256
 LAST_LAYER_STD = 0.01
+CLUSTERS_PER_CLASS = 10  # as DeepCluster's k = 10 000 on ImageNet's 1 000 classes
 
 
 # ----------------------------------------------------------------- clustering
@@ -151,14 +152,15 @@ class DeepCluster(Objective):
 
     name = "deepcluster"
     has_epoch_hook = True
+    settings = ("kmeans_iterations", "kmeans_init")
     augment: CropFlip = CropFlip(padding=0)
-    num_clusters: int = 100
+    num_clusters: int = 100  # config.deepcluster.clusters_per_class x the dataset's classes
     kmeans_iterations: int = 30
     kmeans_init: int = 5
 
     @classmethod
     def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"clusters_per_class": 10, "kmeans_iterations": 30, "kmeans_init": 5})
+        return ml_collections.ConfigDict({"clusters_per_class": CLUSTERS_PER_CLASS, **super().config_defaults()})
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -173,10 +175,8 @@ class DeepCluster(Objective):
 
     @classmethod
     def from_config(cls, config, spec) -> DeepCluster:
-        settings = config.deepcluster
-        return cls(augment=cls.augment_config(config, spec),
-                   num_clusters=settings.clusters_per_class * spec.num_classes,
-                   kmeans_iterations=settings.kmeans_iterations, kmeans_init=settings.kmeans_init)
+        return dataclasses.replace(super().from_config(config, spec),
+                                   num_clusters=config.deepcluster.clusters_per_class * spec.num_classes)
 
     def inputs(self, key, batch, objective_state):
         views = crop_flip_views(key, batch["image"], 1, self.augment)
@@ -185,7 +185,7 @@ class DeepCluster(Objective):
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return ClusterHead(self.num_clusters).init(key, jnp.zeros((2, features.shape[-1])), train=False)
 
-    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> dict[str, jax.Array]:
+    def init_state(self, num_examples: int, variables: Variables) -> dict[str, jax.Array]:
         return {"assignments": jnp.zeros(num_examples, jnp.int32),
                 "weights": jnp.ones(self.num_clusters, jnp.float32),
                 "epoch": jnp.array(-1, jnp.int32)}

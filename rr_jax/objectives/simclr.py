@@ -55,26 +55,15 @@ class SimCLR(Objective):
     """NT-Xent between the projections of two views of each image (per device batch)."""
 
     name = "simclr"
+    settings = ("temperature",)
 
     num_views: int = 2
     temperature: float = 0.5
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"temperature": 0.5})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         if config.simclr.temperature <= 0:
             raise config_error("simclr.temperature", config.simclr.temperature, "it must be > 0")
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> SimCLR:
-        return cls(augment=cls.augment_config(config, spec), temperature=config.simclr.temperature)
 
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return {"batch_stats": {}, **ProjectionHead().init(key, jnp.zeros((2, features.shape[-1])))}

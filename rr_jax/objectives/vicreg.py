@@ -59,6 +59,7 @@ class VICReg(Objective):
     """Fields: projector_hidden_dim, projector_dim, invariance_weight, variance_weight, covariance_weight."""
 
     name = "vicreg"
+    settings = ("projector_hidden_dim", "projector_dim", "invariance_weight", "variance_weight", "covariance_weight")
 
     num_views: int = 2
     projector_hidden_dim: int = 256
@@ -68,22 +69,9 @@ class VICReg(Objective):
     covariance_weight: float = 1.0
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"projector_hidden_dim": 256, "projector_dim": 256, "invariance_weight": 25.0,
-                                          "variance_weight": 25.0, "covariance_weight": 1.0})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("vicreg", config.vicreg, positive_ints=("projector_hidden_dim", "projector_dim"),
                        non_negative=("invariance_weight", "variance_weight", "covariance_weight"))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> VICReg:
-        return cls(augment=cls.augment_config(config, spec), **config.vicreg.to_dict())
 
     def head(self, axis_name: str | None = None) -> SiameseHead:
         hidden = self.projector_hidden_dim
