@@ -16,7 +16,7 @@ Adding a method is one new module with a subclass of `Objective` and one line in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import jax
@@ -34,6 +34,12 @@ Variables = Any
 def config_error(key: str, value: Any, allowed: str) -> ConfigError:
     """The error of a bad config field (a ValueError): names the key, the value and what is allowed."""
     return ConfigError(f"config.{key}={value!r} is not allowed: {allowed}.")
+
+
+def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raises `config_error` when `value`, of `config.<key>`, is not one of `allowed`."""
+    if value not in allowed:
+        raise config_error(key, value, "use one of " + ", ".join(map(repr, allowed)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +234,5 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def get_objective(name: str) -> type[Objective]:
     """The objective class registered as `name`; ValueError naming the registered ones."""
-    if name not in OBJECTIVES:
-        raise config_error("method", name, "use one of " + ", ".join(map(repr, OBJECTIVES)))
+    check_choice("method", name, OBJECTIVES)
     return OBJECTIVES[name]

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Variables
-from rr_jax.objectives.common import check_settings, unit_rows
+from rr_jax.objectives.common import check_settings
 from rr_jax.objectives.heads import SiameseHead, apply_siamese_head, init_siamese_head
 from rr_jax.objectives.teacher import MomentumTeacher
 

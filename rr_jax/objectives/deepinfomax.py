@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rr_jax.initializers import TORCH_KERNEL_INIT
 from rr_jax.objectives import Objective, OptimizerDefaults, Variables, config_error
-from rr_jax.objectives.common import TORCH_KERNEL_INIT, CropFlip, crop_flip_views
+from rr_jax.objectives.common import CropFlip, crop_flip_views
 
 # Backbone name -> (module path of its first block's output, whether a ReLU follows it).
 FEATURE_MAPS: dict[str, tuple[tuple[str, ...], bool]] = {

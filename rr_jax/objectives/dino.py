@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Variables
-from rr_jax.objectives.common import check_settings, unit_rows
+from rr_jax.objectives.common import check_settings
 from rr_jax.objectives.heads import MLP
 from rr_jax.objectives.teacher import MomentumTeacher
 

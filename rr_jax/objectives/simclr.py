@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Objective, Variables, config_error
 
 
@@ -41,7 +42,7 @@ def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> tupl
         raise ValueError(f"z1 and z2 must both be float[B, P] with B >= 2, got {z1.shape} and {z2.shape}.")
     batch = z1.shape[0]
     z = jnp.concatenate([z1, z2]).astype(jnp.float32)
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    z = unit_rows(z)
     logits = z @ z.T / temperature
     logits = jnp.where(jnp.eye(2 * batch, dtype=bool), -jnp.inf, logits)  # never pick yourself
     partner = jnp.concatenate([jnp.arange(batch, 2 * batch), jnp.arange(batch)])
