@@ -1,10 +1,15 @@
-"""Test setup: 8 fake CPU devices for pmap, set before jax is imported."""
+"""Test setup: 8 fake CPU devices for pmap and launch.py's XLA:CPU flags, set before any
+JAX backend starts (importing rr_jax starts none)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
+from rr_jax.xla_flags import with_cpu_defaults
+
+# The tests run what users run: launch.py's CPU defaults (YNNPACK fusions off). With
+# jaxlib 0.10.2's YNNPACK fusions on, the suite aborted inside XLA now and then.
+os.environ["XLA_FLAGS"] = with_cpu_defaults(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
