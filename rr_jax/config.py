@@ -20,7 +20,7 @@ from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
 from rr_jax.datasets import DATASETS
 from rr_jax.errors import ConfigError
-from rr_jax.objectives import OBJECTIVES, check_choice, config_error, get_objective
+from rr_jax.objectives import OBJECTIVES, check_config_choice, config_error, get_objective
 
 # How a split is read (config.data.streaming; rr_jax.inputs): by size, streamed, or held in memory.
 STREAMING = ("auto", "stream", "memory")
@@ -154,13 +154,13 @@ def validate_config(
       workdir: checked to be creatable and writable, if given.
       device_count: devices the global batch is split over (default: all devices).
     """
-    check_choice("dataset", config.dataset, sorted(DATASETS))
+    check_config_choice("dataset", config.dataset, sorted(DATASETS))
     objective = get_objective(config.method)
-    check_choice("model.backbone", config.model.backbone, sorted(BACKBONES))
-    check_choice("model.dtype", config.model.dtype, DTYPES)
+    check_config_choice("model.backbone", config.model.backbone, sorted(BACKBONES))
+    check_config_choice("model.dtype", config.model.dtype, DTYPES)
     for key, allowed in (("optimizer.name", OPTIMIZERS), ("optimizer.schedule", SCHEDULES)):
         if config[key] is not None:
-            check_choice(key, config[key], allowed)
+            check_config_choice(key, config[key], allowed)
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
                 "log_every_steps", "probe.epochs",
                 "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k", "online_probe.num_test",
@@ -168,7 +168,7 @@ def validate_config(
         value = config[key]
         if not isinstance(value, int) or value < 1:
             _fail(key, value, "it must be a positive integer")
-    check_choice("data.streaming", config.data.streaming, STREAMING)
+    check_config_choice("data.streaming", config.data.streaming, STREAMING)
     if config.data.image_size is not None and config.data.image_size < 1:
         _fail("data.image_size", config.data.image_size, "it must be a positive integer or None (the dataset's)")
     layout = next(iter(DATASETS[config.dataset].values())).folder_layout

@@ -36,7 +36,7 @@ def config_error(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"config.{key}={value!r} is not allowed: {allowed}.")
 
 
-def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
+def check_config_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
     """Raises `config_error` when `value`, of `config.<key>`, is not one of `allowed`."""
     if value not in allowed:
         raise config_error(key, value, "use one of " + ", ".join(map(repr, allowed)))
@@ -234,5 +234,5 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def get_objective(name: str) -> type[Objective]:
     """The objective class registered as `name`; ValueError naming the registered ones."""
-    check_choice("method", name, OBJECTIVES)
+    check_config_choice("method", name, OBJECTIVES)
     return OBJECTIVES[name]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rr_jax.augment import normalize, random_horizontal_flip
+from rr_jax.augment import normalize, padded_crop, random_horizontal_flip
 from rr_jax.numerics import cross_entropy
 from rr_jax.objectives import config_error
 
@@ -49,12 +49,9 @@ class CropFlip:
 
 
 def _crop_flip_image(key: jax.Array, image: jax.Array, config: CropFlip) -> jax.Array:
-    height, width, channels = image.shape
     crop_key, flip_key = jax.random.split(key)
-    pad = config.padding
-    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    top, left = jax.random.randint(crop_key, (2,), 0, 2 * pad + 1)
-    crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+    top, left = jax.random.randint(crop_key, (2,), 0, 2 * config.padding + 1)
+    crop = padded_crop(image, config.padding, top, left)
     view = random_horizontal_flip(flip_key, crop.astype(jnp.float32) / 255.0, prob=config.flip_prob)
     return normalize(view, mean=config.mean, std=config.std)
 

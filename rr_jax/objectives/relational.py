@@ -7,7 +7,7 @@ import dataclasses
 
 import ml_collections
 
-from rr_jax.objectives import Objective, Variables, check_choice, config_error
+from rr_jax.objectives import Objective, Variables, check_config_choice, config_error
 from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES, init_relation_head, relational_loss
 
 
@@ -34,7 +34,7 @@ class Relational(Objective):
         rel = config.relational
         for key, allowed in (("aggregation", AGGREGATIONS), ("negatives", NEGATIVES), ("loss", LOSSES),
                              ("head", HEADS)):
-            check_choice(f"relational.{key}", rel[key], allowed)
+            check_config_choice(f"relational.{key}", rel[key], allowed)
         if rel.num_views < 2:
             raise config_error("relational.num_views", rel.num_views, "K must be >= 2 views to form pairs")
         if not isinstance(rel.hidden_dim, int) or rel.hidden_dim < 1:
