@@ -22,9 +22,9 @@ def _titles(figure: Figure) -> list[str]:
 def _finish_line_plot(figure: Figure, axis, path: str, title: str, small: bool = False) -> list[str]:
     """Titles the plot, adds its grid and legend (smaller type with `small`), writes it to
     `path` and returns the figure's titles."""
-    axis.set_title(title, fontsize=10 if small else None)
+    axis.set_title(title, **({"fontsize": 10} if small else {}))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8 if small else None)
+    axis.legend(**({"fontsize": 8} if small else {}))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return _titles(figure)
