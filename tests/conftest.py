@@ -5,10 +5,14 @@ import os
 
 from rr_jax.xla_flags import with_cpu_defaults
 
-# The tests run what users run: launch.py's CPU defaults (YNNPACK fusions off). With
-# jaxlib 0.10.2's YNNPACK fusions on, the suite aborted inside XLA now and then.
+# The tests run what users run: launch.py's CPU defaults (YNNPACK fusions off). The 8
+# fake devices share 2 cores, so a device can reach a collective long after the others:
+# XLA:CPU then ends the process ("Termination timeout ... exceeded") after its default
+# wait, which a loaded CI machine exceeded. The tests wait up to 15 minutes instead.
 os.environ["XLA_FLAGS"] = with_cpu_defaults(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=20"
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
