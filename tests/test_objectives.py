@@ -313,11 +313,14 @@ def test_eight_device_step_equals_one_device_step(method, fast_compile):
     mu_one = jax.tree.leaves(one_state.opt_state[0].mu)  # Adam's first moment: 0.1 * gradient
     scale = max(np.abs(x).max() for x in mu_one)
     # float32 sums in another order (the 8 fake devices' all-reduce adds in arrival order,
-    # so the last bits vary from run to run): up to ~2e-4 of the largest gradient seen on
-    # small, cancelling entries of Deep InfoMax's encoder. A missing pmean or a per-device
+    # so the last bits vary from run to run) move single small, cancelling entries of Deep
+    # InfoMax's encoder by up to ~1.5e-3 of the largest gradient seen, so each leaf is
+    # compared as a whole: its error norm within 1% of its own norm plus 1e-3 of the
+    # largest entry (a small leaf's norm is ~1e-4 of it). A missing pmean or a per-device
     # loss is off by the order of the gradient itself.
     for a, b in zip(jax.tree.leaves(many_state.opt_state[0].mu), mu_one):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * scale)
+        error, size = np.linalg.norm(np.asarray(a) - b), np.linalg.norm(b)
+        assert error <= 1e-2 * size + 1e-3 * scale, (error, size, scale)
 
 
 # ------------------------------------------------------------------- launch.py and resume
