@@ -14,7 +14,6 @@ interrupted by Ctrl-C and 143 preempted by SIGTERM, after saving the checkpoint 
 step reached (re-run to resume).
 """
 
-import importlib.util
 import os
 import sys
 
@@ -54,10 +53,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
         if path is None:
             raise
-        module_spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        config = module.get_config().to_dict()
+        from rr_jax.config import load_config_file  # here: it imports JAX, which reads XLA_FLAGS once
+
+        config = load_config_file(path.split(":")[0]).to_dict()
         messages = [m for a in argv if a.startswith("--config.") and (m := unknown_key_message(a, config))]
         print(f"Error: {messages[0] if messages else error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -289,24 +289,6 @@ def _blend(image: jax.Array, reference: jax.Array, factor: jax.Array) -> jax.Arr
     return jnp.clip(image + (1.0 - factor) * (reference - image), 0.0, 1.0)
 
 
-def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
-    """Multiplies float32[H, W, C] by `factor` (>= 0), clamped to [0, 1]."""
-    return _blend(image, jnp.zeros((), image.dtype), factor)
-
-
-def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
-    """Blends float32[H, W, C] with the mean of its grayscale image; clamped to [0, 1]."""
-    return _blend(image, _mean_luma(image), factor)
-
-
-def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
-    """Blends float32[H, W, C] with its grayscale image; clamped to [0, 1].
-
-    Factor 0 gives the grayscale image; a one-channel image is returned unchanged.
-    """
-    return _blend(image, _luma(image), factor)
-
-
 def adjust_hue(image: jax.Array, hue_shift: jax.Array) -> jax.Array:
     """Rotates the HSV hue of float32[H, W, 3] by `hue_shift` (a fraction of the circle).
 
@@ -364,8 +346,11 @@ def sample_color_jitter(
     return jax.random.permutation(k_order, 4).astype(jnp.int32), factors
 
 
-def _adjust_by_op(image: jax.Array, op: jax.Array, factor: jax.Array) -> jax.Array:
-    """Brightness, contrast or saturation, chosen by the traced index `op` in {0, 1, 2}."""
+def adjust_color(image: jax.Array, op: jax.Array, factor: jax.Array) -> jax.Array:
+    """Brightness, contrast or saturation of float32[H, W, C], chosen by the (traced) index
+    `op` in {BRIGHTNESS, CONTRAST, SATURATION}, clamped to [0, 1]: the image blended with
+    black (brightness), the mean of its grayscale image (contrast) or its grayscale image
+    (saturation; factor 0 gives the grayscale image, a one-channel image is unchanged)."""
     reference = jnp.where(
         op == BRIGHTNESS, 0.0, jnp.where(op == CONTRAST, _mean_luma(image), _luma(image))
     )
@@ -387,7 +372,7 @@ def apply_color_jitter(image: jax.Array, order: jax.Array, factors: jax.Array) -
     def blends(image, active):
         for slot in range(3):
             op = blend_ops[slot]
-            image = jnp.where(active[slot], _adjust_by_op(image, op, factors[op]), image)
+            image = jnp.where(active[slot], adjust_color(image, op, factors[op]), image)
         return image
 
     image = blends(image, slots < hue_position)
@@ -442,6 +427,14 @@ def normalize_images(images: jax.Array, *, mean: tuple[float, ...], std: tuple[f
     return normalize(to_unit_float(images), mean=mean, std=std)
 
 
+def padded_crop(image: jax.Array, padding: int, top: jax.Array, left: jax.Array) -> jax.Array:
+    """The HxW window at (top, left), each in [0, 2 * padding], of the image zero-padded by
+    `padding` on each side: torchvision's RandomCrop(padding) at a drawn offset. [H, W, C] -> [H, W, C]."""
+    height, width, channels = image.shape
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    return jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+
+
 def random_crop_flip(key: jax.Array, image: jax.Array, padding: int) -> jax.Array:
     """A random HxW crop of the image zero-padded by `padding` on each side, mirrored
     left-right with probability 1/2 (torchvision RandomCrop(padding) + flip; the
@@ -449,13 +442,10 @@ def random_crop_flip(key: jax.Array, image: jax.Array, padding: int) -> jax.Arra
 
     image: [H, W, C] of any dtype (zero padding is black for uint8 pixels).
     """
-    height, width, channels = image.shape
     top_key, left_key, flip_key = jax.random.split(key, 3)
-    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     top = jax.random.randint(top_key, (), 0, 2 * padding + 1)
     left = jax.random.randint(left_key, (), 0, 2 * padding + 1)
-    crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
-    return random_horizontal_flip(flip_key, crop, prob=0.5)
+    return random_horizontal_flip(flip_key, padded_crop(image, padding, top, left), prob=0.5)
 
 
 def _augment_image(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax.Array:

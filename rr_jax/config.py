@@ -7,7 +7,9 @@ fails in a second with a message naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import jax
 import ml_collections
@@ -18,7 +20,7 @@ from rr_jax.augment import AugmentConfig
 from rr_jax.backbones import BACKBONES
 from rr_jax.datasets import DATASETS
 from rr_jax.errors import ConfigError
-from rr_jax.objectives import OBJECTIVES, config_error, get_objective
+from rr_jax.objectives import OBJECTIVES, check_config_choice, config_error, get_objective
 
 # How a split is read (config.data.streaming; rr_jax.inputs): by size, streamed, or held in memory.
 STREAMING = ("auto", "stream", "memory")
@@ -120,16 +122,22 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as `--config=PATH` gives it. The folder holding
+    the file's folder is importable meanwhile: configs/x.py may import configs.y."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, root)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(root)
+    return module.get_config()
+
+
 def _fail(key: str, value, allowed: str) -> None:
     raise config_error(key, value, allowed)
-
-
-def _choice(config: ml_collections.ConfigDict, key: str, allowed) -> None:
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    if value not in allowed:
-        _fail(key, value, "use one of " + ", ".join(map(repr, allowed)))
 
 
 def validate_config(
@@ -146,23 +154,21 @@ def validate_config(
       workdir: checked to be creatable and writable, if given.
       device_count: devices the global batch is split over (default: all devices).
     """
-    _choice(config, "dataset", sorted(DATASETS))
+    check_config_choice("dataset", config.dataset, sorted(DATASETS))
     objective = get_objective(config.method)
-    _choice(config, "model.backbone", sorted(BACKBONES))
-    _choice(config, "model.dtype", DTYPES)
+    check_config_choice("model.backbone", config.model.backbone, sorted(BACKBONES))
+    check_config_choice("model.dtype", config.model.dtype, DTYPES)
     for key, allowed in (("optimizer.name", OPTIMIZERS), ("optimizer.schedule", SCHEDULES)):
-        if config.optimizer[key.split(".")[1]] is not None:
-            _choice(config, key, allowed)
+        if config[key] is not None:
+            check_config_choice(key, config[key], allowed)
     for key in ("num_epochs", "batch_size", "checkpoint.every_steps", "checkpoint.max_to_keep",
                 "log_every_steps", "probe.epochs",
                 "knn_monitor.num_train", "knn_monitor.num_test", "knn_monitor.k", "online_probe.num_test",
                 "data.in_memory_limit_mib", "data.read_threads", "data.prefetch_steps"):
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = config[key]
         if not isinstance(value, int) or value < 1:
             _fail(key, value, "it must be a positive integer")
-    _choice(config, "data.streaming", STREAMING)
+    check_config_choice("data.streaming", config.data.streaming, STREAMING)
     if config.data.image_size is not None and config.data.image_size < 1:
         _fail("data.image_size", config.data.image_size, "it must be a positive integer or None (the dataset's)")
     layout = next(iter(DATASETS[config.dataset].values())).folder_layout
@@ -176,7 +182,7 @@ def validate_config(
     if config.optimizer.learning_rate is not None and config.optimizer.learning_rate <= 0:
         _fail("optimizer.learning_rate", config.optimizer.learning_rate, "it must be > 0 or None (the method's default)")
     for key in ("knn_monitor.every_steps", "online_probe.every_steps"):
-        every = config[key.split(".")[0]].every_steps
+        every = config[key]
         if not isinstance(every, int) or every < 0:
             _fail(key, every, "it must be an integer >= 0 (0: off)")
     if not config.online_probe.learning_rate > 0:
@@ -193,13 +199,12 @@ def validate_config(
     if config.batch_size % devices:
         _fail("batch_size", config.batch_size,
               f"the global batch must be divisible by the device count {devices}")
-    if config.batch_size // devices < 2:
+    if config.batch_size // devices < objective.min_images_per_device:
         _fail("batch_size", config.batch_size,
-              f"each of the {devices} devices needs >= 2 images to form negatives")
+              f"each of the {devices} devices needs >= {objective.min_images_per_device} images for "
+              f"{config.method}'s loss (negatives or batch statistics)")
     for key in ("seed", "probe.holdout_seed"):
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = config[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             _fail(key, value, "it must be an integer >= 0")
     if not 0 <= config.probe.holdout_fraction < 1:

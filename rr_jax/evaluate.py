@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rr_jax.numerics import unit_rows
+
 
 def check_features(name: str, x) -> None:
     """Raises ValueError unless x is float[N, D] (rank 2)."""
@@ -69,18 +71,13 @@ def _topk_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 # ------------------------------------------------------------- nearest neighbours
 
 
-def _unit_rows(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
 def _nearest(queries, gallery, exclude, *, k, chunk_size):
     num_queries = queries.shape[0]
     pad = -num_queries % chunk_size
-    queries = jnp.pad(_unit_rows(queries), ((0, pad), (0, 0)))
+    queries = jnp.pad(unit_rows(queries), ((0, pad), (0, 0)))
     exclude = jnp.pad(exclude, (0, pad), constant_values=-1)
-    gallery = _unit_rows(gallery)
+    gallery = unit_rows(gallery)
     columns = jnp.arange(gallery.shape[0])
 
     def chunk(args):

@@ -22,7 +22,7 @@ from absl import logging
 from rr_jax import batching, datasets, image_folder, sources, streaming
 from rr_jax.config import STREAMING
 from rr_jax.errors import DatasetNotFoundError
-from rr_jax.objectives import config_error
+from rr_jax.objectives import check_config_choice, config_error
 
 
 def dataset_spec(
@@ -63,8 +63,7 @@ def dataset_spec(
 def streams(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, split: str) -> bool:
     """Whether `split` is streamed rather than loaded into memory (`config.data.streaming`)."""
     mode = config.data.streaming
-    if mode not in STREAMING:
-        raise ValueError(f"config.data.streaming={mode!r} is not allowed: use one of {list(STREAMING)}.")
+    check_config_choice("data.streaming", mode, STREAMING)
     if mode != "auto":
         return mode == "stream"
     mib = sources.split_size(spec, split, config.data_dir) * math.prod(spec.image_shape) / 2**20

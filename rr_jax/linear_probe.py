@@ -62,7 +62,8 @@ from rr_jax.checkpoint import save_probe  # noqa: E402
 from rr_jax.evaluate import topk_accuracy  # noqa: E402
 from rr_jax.evaluation_inputs import load_labelled_splits, prepare_evaluation, split_features  # noqa: E402
 from rr_jax.features import extract_features, feature_dim  # noqa: E402
-from rr_jax.online_probe import LinearHead, classify, cross_entropy, init_head  # noqa: E402
+from rr_jax.numerics import cross_entropy  # noqa: E402
+from rr_jax.online_probe import LinearHead, classify, init_head  # noqa: E402
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3

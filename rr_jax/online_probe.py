@@ -8,15 +8,13 @@ probe run. The classifier never influences the backbone: no gradient flows back 
 the features, and its parameters and optimizer state live in their own field of the
 train state (`OnlineProbeState`), so a resumed run continues it exactly.
 
-`LinearHead`, `classify` and `cross_entropy` are also the offline probe's
+`LinearHead` and `classify` are also the offline probe's
 (`rr_jax.linear_probe`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -26,10 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from rr_jax.evaluate import topk_accuracy
-
-
-def _uniform(bound: float) -> Callable:
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+from rr_jax.initializers import uniform_fan_in
+from rr_jax.numerics import cross_entropy
 
 
 class LinearHead(nn.Module):
@@ -40,7 +36,7 @@ class LinearHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
-        init = _uniform(1.0 / math.sqrt(features.shape[-1]))
+        init = uniform_fan_in(features.shape[-1])
         return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="dense")(features)
 
 
@@ -55,11 +51,6 @@ def classify(head_params: Any, features: jax.Array) -> jax.Array:
     """Logits float32[N, C] of a `LinearHead` with `head_params` on features [N, D]."""
     num_classes = head_params["dense"]["bias"].shape[0]
     return LinearHead(num_classes).apply({"params": head_params}, jnp.asarray(features, jnp.float32))
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of logits [N, C] against int labels [N]."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 @functools.cache

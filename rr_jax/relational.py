@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from rr_jax.batch_norm import BatchNorm
+from rr_jax.initializers import uniform_fan_in
 from rr_jax.shuffle import derangements
 
 AGGREGATIONS = ("cat", "sum", "mean", "max")
@@ -177,16 +178,6 @@ def make_pairs(
     return aggregate(flat[left], flat[right], aggregation), targets
 
 
-def _uniform_fan_in(fan_in: int) -> nn.initializers.Initializer:
-    """PyTorch's nn.Linear initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 class PairDense(nn.Module):
     """The head's first Dense layer, applied to aggregated pairs or factored.
 
@@ -199,8 +190,8 @@ class PairDense(nn.Module):
 
     def setup(self):
         fan_in = self.embedding_dim * (2 if self.aggregation == "cat" else 1)
-        self.kernel = self.param("kernel", _uniform_fan_in(fan_in), (fan_in, self.features))
-        self.bias = self.param("bias", _uniform_fan_in(fan_in), (self.features,))
+        self.kernel = self.param("kernel", uniform_fan_in(fan_in), (fan_in, self.features))
+        self.bias = self.param("bias", uniform_fan_in(fan_in), (self.features,))
 
     def __call__(self, pairs: jax.Array) -> jax.Array:
         """float[R, D'] aggregated pairs -> float[R, features]."""
@@ -250,8 +241,8 @@ class RelationHead(nn.Module):
         )
         self.output = nn.Dense(
             1,
-            kernel_init=_uniform_fan_in(self.hidden_dim),
-            bias_init=_uniform_fan_in(self.hidden_dim),
+            kernel_init=uniform_fan_in(self.hidden_dim),
+            bias_init=uniform_fan_in(self.hidden_dim),
         )
 
     def _tail(self, hidden: jax.Array, train: bool) -> jax.Array:
@@ -350,13 +341,13 @@ class EncoderDotHead(DotProductHead):
         super().setup()
         self.encoder_hidden = nn.Dense(
             self.hidden_dim,
-            kernel_init=_uniform_fan_in(self.embedding_dim),
-            bias_init=_uniform_fan_in(self.embedding_dim),
+            kernel_init=uniform_fan_in(self.embedding_dim),
+            bias_init=uniform_fan_in(self.embedding_dim),
         )
         self.encoder_output = nn.Dense(
             self.hidden_dim,
-            kernel_init=_uniform_fan_in(self.hidden_dim),
-            bias_init=_uniform_fan_in(self.hidden_dim),
+            kernel_init=uniform_fan_in(self.hidden_dim),
+            bias_init=uniform_fan_in(self.hidden_dim),
         )
 
     def initial_scale(self) -> float:

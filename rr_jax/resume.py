@@ -13,7 +13,8 @@ from absl import logging
 
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.errors import ResumeError
-from rr_jax.run_dir import HEAD_FIELDS, WEIGHT_FIELDS, check_resumable
+from rr_jax.objectives import Objective
+from rr_jax.run_dir import WEIGHT_FIELDS, check_resumable
 from rr_jax.step import TrainState
 
 
@@ -23,14 +24,18 @@ def restore_latest(
     config: ml_collections.ConfigDict,
     allow_config_change: Sequence[str],
     primary: bool,
+    *,
+    objective: Objective,
+    num_examples: int,
 ) -> tuple[TrainState, int]:
     """The newest checkpoint of the workdir that restores, as (state, its step).
 
     A step whose config differs from `config` in fields that change what is trained is
     refused (ResumeError). A step that fails to restore (damaged after it was written) is
     moved aside with a warning and the previous one is tried. Step 0 without a train
-    state holds imported weights (rr_jax.convert): pretraining continues from them.
-    None restores: (fresh, 0).
+    state holds imported weights (rr_jax.convert): pretraining continues from them, with
+    the objective's state of a run starting there (of `num_examples` images). None
+    restores: (fresh, 0).
     """
     current = config.to_dict()
     for step in reversed(checkpointer.all_steps()):
@@ -40,7 +45,8 @@ def restore_latest(
                 check_resumable(saved, current, step=step, allow=allow_config_change)
                 return jax.tree.map(jnp.asarray, checkpointer.restore_state(step, fresh)), step
             if step == 0:
-                return _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change), 0
+                return _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change,
+                                              objective, num_examples), 0
             raise KeyError(f"step {step} has no train state")
         except ResumeError:
             raise
@@ -54,13 +60,15 @@ def restore_latest(
     return fresh, 0
 
 
-def _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change) -> TrainState:
-    """`fresh` with the backbone (and, when shapes agree, the relation head) of the
-    imported weights of step 0; the optimizer state starts afresh."""
-    head = checkpointer.restore_head(0)
+def _from_imported_weights(checkpointer, fresh, saved, current, allow_config_change, objective,
+                           num_examples) -> TrainState:
+    """`fresh` with the backbone (and the head, for a method with `head_fields` whose
+    head has the same structure) of the imported weights of step 0; the optimizer state
+    starts afresh and the objective's state from the imported weights (a teacher as their copy)."""
+    head = checkpointer.restore_head(0) if objective.head_fields else None
     if head is not None and jax.tree.structure(head["params"]) != jax.tree.structure(fresh.params["head"]):
-        head = None  # an imported relation head, and this method trains another head
-    fields = WEIGHT_FIELDS + (HEAD_FIELDS if head is not None else ())
+        head = None  # the imported head is another kind than this run's
+    fields = WEIGHT_FIELDS + (objective.head_fields if head is not None else ())
     check_resumable(saved, current, step=0, only=fields, allow=allow_config_change)
     backbone, _ = checkpointer.restore_backbone(0)
     params, batch_stats = dict(fresh.params), dict(fresh.batch_stats)
@@ -68,7 +76,8 @@ def _from_imported_weights(checkpointer, fresh, saved, current, allow_config_cha
     if head is not None:
         params["head"], batch_stats["head"] = head["params"], head["batch_stats"]
     logging.info("Continuing pretraining from the imported weights of step 0 (backbone%s).",
-                 " and relation head" if head is not None else "")
-    imported = fresh.replace(params=params, batch_stats=batch_stats)
+                 " and head" if head is not None else "")
+    imported = fresh.replace(params=params, batch_stats=batch_stats, objective_state=objective.init_state(
+        num_examples, {"params": params, "batch_stats": batch_stats}))
     chex.assert_trees_all_equal_shapes_and_dtypes(imported.params, fresh.params)
     return jax.tree.map(jnp.asarray, imported)

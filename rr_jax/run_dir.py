@@ -47,7 +47,6 @@ RESUMABLE_FIELDS = (
 )
 # The fields that shape imported weights (a converted checkpoint has no train state).
 WEIGHT_FIELDS = ("dataset", "model.backbone")
-HEAD_FIELDS = ("relational.aggregation", "relational.hidden_dim", "relational.head")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # TensorFlow only reads datasets here; without these its C++ start-up lines (oneDNN

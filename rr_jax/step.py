@@ -88,8 +88,7 @@ def create_train_state(
         batch_stats=batch_stats,
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(run_key),
-        objective_state=objective.init_state(num_examples, num_classes,
-                                             {"params": params, "batch_stats": batch_stats}),
+        objective_state=objective.init_state(num_examples, {"params": params, "batch_stats": batch_stats}),
     )
 
 

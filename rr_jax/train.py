@@ -108,7 +108,8 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     optimizer = make_optimizer(config, total_steps)
     state = _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples)
     checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
-    state, start = restore_latest(checkpointer, state, config, allow_config_change, run.primary)
+    state, start = restore_latest(checkpointer, state, config, allow_config_change, run.primary,
+                                  objective=objective, num_examples=num_examples)
     if start:
         logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
     if dropped := run.trim_metrics(start):
@@ -164,27 +165,14 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
                 pending.append(metrics)
                 last = step == total_steps
                 if step % config.log_every_steps == 0 or last or preemption.requested:
-                    window = [unreplicate(m) for m in jax.device_get(pending)]
-                    first_step = step - len(window) + 1
-                    for offset, m in enumerate(window):
-                        if not np.isfinite(m["loss"]):
-                            raise FloatingPointError(
-                                f"Loss is {m['loss']} at step {first_step + offset}; stopping."
-                            )
-                    elapsed = time.perf_counter() - window_start
-                    record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
-                    record["images_per_second"] = len(window) * config.batch_size / elapsed
+                    record = _window_record(pending, step, config.batch_size, window_start)
                     metrics_log.write(step, record)
                     progress.update(step, record)
                     pending, window_start = [], time.perf_counter()
                 if monitors is not None and monitors.due(step, last):
-                    host_state = unreplicate(replicated)
-                    scalars = monitors(step, {"params": host_state.params["backbone"],
-                                              "batch_stats": host_state.batch_stats["backbone"]},
-                                       host_state.online_probe, last)
+                    scalars = _monitor(monitors, step, unreplicate(replicated), last)
                     metrics_log.write(step, scalars)
                     progress.update(step, scalars)
-                    logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
                 if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
                     save(step)
                 if preemption.requested:
@@ -196,6 +184,29 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     if preemption.requested:
         raise Preempted(step, total_steps, workdir, preemption.signum)
     return unreplicate(replicated)
+
+
+def _window_record(pending: list[dict[str, jax.Array]], step: int, batch_size: int,
+                   window_start: float) -> dict[str, float]:
+    """The mean of the replicated metrics of the steps up to `step`, and images per second
+    since `window_start` (a perf_counter time) once they are done; FloatingPointError
+    naming the first step whose loss is not finite."""
+    window = [unreplicate(m) for m in jax.device_get(pending)]
+    first_step = step - len(window) + 1
+    for offset, m in enumerate(window):
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"Loss is {m['loss']} at step {first_step + offset}; stopping.")
+    record = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+    record["images_per_second"] = len(window) * batch_size / (time.perf_counter() - window_start)
+    return record
+
+
+def _monitor(monitors: Monitors, step: int, state: TrainState, last: bool) -> dict[str, float]:
+    """The monitors' scalars (kNN, RankMe, online probe) of the unreplicated `state`, logged."""
+    scalars = monitors(step, {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                       state.online_probe, last)
+    logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+    return scalars
 
 
 def _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples) -> TrainState:

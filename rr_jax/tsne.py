@@ -14,11 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rr_jax.evaluate import check_features, check_positive
-
-
-def _squared_distances(x: jax.Array) -> jax.Array:
-    sq = jnp.sum(x * x, axis=1)
-    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * jnp.dot(x, x.T, precision="highest"), 0.0)
+from rr_jax.numerics import squared_distances
 
 
 def _conditional_p(distances: jax.Array, perplexity: float, steps: int = 100) -> jax.Array:
@@ -55,7 +51,7 @@ def tsne_gradient(embedding: jax.Array, p: jax.Array) -> jax.Array:
     """Gradient of KL(P || Q) with respect to the embedding Y[N, 2]:
     4 sum_j (p_ij - q_ij)(y_i - y_j) / (1 + |y_i - y_j|^2), Q the Student-t affinities."""
     n = embedding.shape[0]
-    kernel = jnp.where(jnp.eye(n, dtype=bool), 0.0, 1.0 / (1.0 + _squared_distances(embedding)))
+    kernel = jnp.where(jnp.eye(n, dtype=bool), 0.0, 1.0 / (1.0 + squared_distances(embedding, embedding)))
     pq = (p - kernel / jnp.sum(kernel)) * kernel
     return 4.0 * (jnp.sum(pq, axis=1, keepdims=True) * embedding - pq @ embedding)
 
@@ -64,7 +60,7 @@ def tsne_gradient(embedding: jax.Array, p: jax.Array) -> jax.Array:
 def _tsne(features, perplexity, learning_rate, exaggeration, *, num_iters, exaggeration_iters):
     n = features.shape[0]
     x = features - jnp.mean(features, axis=0)
-    p = _conditional_p(_squared_distances(x), perplexity)
+    p = _conditional_p(squared_distances(x, x), perplexity)
     p = jnp.maximum((p + p.T) / (2.0 * n), 1e-12)
     # PCA initialisation, scaled to a standard deviation of 1e-4 (as scikit-learn).
     _, _, vt = jnp.linalg.svd(x, full_matrices=False)

@@ -1,10 +1,14 @@
-"""Test setup: 8 fake CPU devices for pmap, set before jax is imported."""
+"""Test setup: 8 fake CPU devices for pmap and launch.py's XLA:CPU flags, set before any
+JAX backend starts (importing rr_jax starts none)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
+from rr_jax.xla_flags import with_cpu_defaults
+
+# The tests run what users run: launch.py's XLA:CPU defaults (YNNPACK fusions off).
+os.environ["XLA_FLAGS"] = with_cpu_defaults(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
@@ -12,6 +16,7 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 jax.config.update("jax_platforms", "cpu")
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import os  # noqa: E402,F811
 
 import numpy as np  # noqa: E402
@@ -43,6 +48,17 @@ def fashion_mnist_dir(tmp_path_factory):
     for split in (spec.train_split, spec.test_split):
         sources.load_split(spec, split, str(root), download=False)
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_compiled_code():
+    """Frees each test module's compiled executables after it. Every executable keeps a
+    few memory mappings of its JIT-compiled code; the whole suite in one process reached
+    the kernel's limit (vm.max_map_count, 65 530), where XLA:CPU's LLVM aborted the
+    process ("Unable to allocate section memory")."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -302,13 +302,9 @@ def test_adjust_hue_matches_colorsys(shift):
 @pytest.mark.parametrize("factor", [0.0, 0.4, 1.0, 1.7])
 def test_brightness_contrast_saturation_closed_forms(factor):
     image = random_pixels(13, (5, 7, 3))
-    for op, fn in [
-        (augment.BRIGHTNESS, augment.adjust_brightness),
-        (augment.CONTRAST, augment.adjust_contrast),
-        (augment.SATURATION, augment.adjust_saturation),
-    ]:
+    for op in (augment.BRIGHTNESS, augment.CONTRAST, augment.SATURATION):
         np.testing.assert_allclose(
-            jax.jit(fn)(image, factor), np_color_op(image, op, factor), atol=2e-6
+            jax.jit(augment.adjust_color)(image, op, factor), np_color_op(image, op, factor), atol=2e-6
         )
 
 
@@ -316,7 +312,7 @@ def test_brightness_contrast_saturation_closed_forms(factor):
 def test_saturation_keeps_hsv_hue_and_scales_chroma(factor):
     """Checked with colorsys: blending with the luma keeps the hue, scales max - min."""
     image = random_pixels(14, (4, 6, 3))[1:]  # no gray pixels: their hue is undefined
-    got = np.asarray(jax.jit(augment.adjust_saturation)(image, factor), np.float64)
+    got = np.asarray(jax.jit(augment.adjust_color)(image, augment.SATURATION, factor), np.float64)
     for index in np.ndindex(image.shape[:-1]):
         h0, s0, v0 = colorsys.rgb_to_hsv(*image[index].astype(np.float64))
         h1, s1, v1 = colorsys.rgb_to_hsv(*got[index])
@@ -335,18 +331,18 @@ def test_grayscale_is_itu_601_luma():
 def test_one_channel_colour_ops():
     image = random_pixels(16, (5, 6, 1))
     for same in [
-        jax.jit(augment.adjust_saturation)(image, 0.3),
+        jax.jit(augment.adjust_color)(image, augment.SATURATION, 0.3),
         augment.adjust_hue(image, 0.2),
         augment.to_grayscale(image),
     ]:
         np.testing.assert_array_equal(same, image)
     np.testing.assert_allclose(
-        jax.jit(augment.adjust_contrast)(image, 0.5),
+        jax.jit(augment.adjust_color)(image, augment.CONTRAST, 0.5),
         0.5 * image + 0.5 * np.mean(image),
         atol=1e-6,
     )
     np.testing.assert_allclose(
-        jax.jit(augment.adjust_brightness)(image, 1.5), np.clip(1.5 * image, 0, 1), atol=1e-6
+        jax.jit(augment.adjust_color)(image, augment.BRIGHTNESS, 1.5), np.clip(1.5 * image, 0, 1), atol=1e-6
     )
 
 

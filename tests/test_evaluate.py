@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rr_jax import evaluate, plots, tsne
+from rr_jax.numerics import squared_distances
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -133,7 +134,7 @@ def test_retrieval_grid_frames_matches_green_and_mismatches_red(tmp_path):
 def test_perplexity_calibration():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(60, 5)), jnp.float32)
-    affinities = jax.jit(lambda x: tsne._conditional_p(tsne._squared_distances(x), 12.0))
+    affinities = jax.jit(lambda x: tsne._conditional_p(squared_distances(x, x), 12.0))
     p = np.asarray(affinities(x))
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
     assert np.all(np.diag(p) == 0)

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 NUMERIC = ("rr_jax", "rr_jax.objectives", "rr_jax.step", "rr_jax.optimizer", "rr_jax.backbones", "rr_jax.augment",
-           "rr_jax.relational", "rr_jax.shuffle", "rr_jax.features", "rr_jax.evaluate", "rr_jax.datasets")
+           "rr_jax.relational", "rr_jax.shuffle", "rr_jax.features", "rr_jax.evaluate", "rr_jax.datasets",
+           "rr_jax.numerics", "rr_jax.initializers")
 HEAVY = ("tensorflow", "tensorflow_datasets", "grain", "orbax", "matplotlib", "array_record")
 
 

@@ -35,6 +35,7 @@ from rr_jax.errors import (
     UserError,
     WorkdirBusyError,
 )
+from rr_jax.objectives.relational import Relational
 from rr_jax.run_dir import RunDirectory, check_resumable, is_run_directory, third_party_logs_to_file, unknown_key_message
 from rr_jax.step import make_backbone
 
@@ -224,7 +225,8 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, how):
     _damage(tmp_path / "checkpoints" / "2", how)
 
     fresh = {"w": np.zeros(500)}
-    state, step = resume.restore_latest(Checkpointer(str(tmp_path), 3), fresh, config_lib.base_config(), (), True)
+    state, step = resume.restore_latest(Checkpointer(str(tmp_path), 3), fresh, config_lib.base_config(), (), True,
+                                        objective=Relational(), num_examples=0)
     assert step == 1
     np.testing.assert_array_equal(state["w"], trees[1]["w"])
     assert (tmp_path / "checkpoints_damaged" / "2").is_dir()  # kept for inspection
@@ -383,7 +385,8 @@ def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, mon
         monkeypatch.setattr(train.inputs, "pretrain_batches", real_batches)
         restored = []
         real_restore = resume.restore_latest
-        monkeypatch.setattr(train, "restore_latest", lambda *args: restored.append(real_restore(*args)) or restored[-1])
+        monkeypatch.setattr(train, "restore_latest",
+                            lambda *args, **kwargs: restored.append(real_restore(*args, **kwargs)) or restored[-1])
         state = train.pretrain(config, str(workdir))
     assert restored[0][1] == latest and int(state.step) == 5
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]

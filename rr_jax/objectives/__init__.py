@@ -16,7 +16,7 @@ Adding a method is one new module with a subclass of `Objective` and one line in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import jax
@@ -34,6 +34,12 @@ Variables = Any
 def config_error(key: str, value: Any, allowed: str) -> ConfigError:
     """The error of a bad config field (a ValueError): names the key, the value and what is allowed."""
     return ConfigError(f"config.{key}={value!r} is not allowed: {allowed}.")
+
+
+def check_config_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raises `config_error` when `value`, of `config.<key>`, is not one of `allowed`."""
+    if value not in allowed:
+        raise config_error(key, value, "use one of " + ", ".join(map(repr, allowed)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,13 @@ class Objective:
       trains: False for a method that takes no step (random weights).
       has_epoch_hook: `start_epoch` must run at every epoch boundary.
       needs_labels: the loss reads the dataset's class labels (refused on a split without).
+      min_images_per_device: the fewest images of a device's batch the loss is defined
+        on (2: another image gives the negatives or the batch statistics).
+      settings: the fields a config sets, as `config.<name>.<key>`; their defaults are
+        the fields' own, written once. `setting_keys`: field -> config key where they differ.
+      head_fields: the config fields that shape the head's weights: a converted
+        checkpoint's head (rr_jax.convert) is imported by a method that names them, when
+        they agree.
 
     Fields:
       num_views: K, augmented views of each image per step.
@@ -67,6 +80,10 @@ class Objective:
     trains: ClassVar[bool] = True
     has_epoch_hook: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    min_images_per_device: ClassVar[int] = 2
+    settings: ClassVar[tuple[str, ...]] = ()
+    setting_keys: ClassVar[dict[str, str]] = {}
+    head_fields: ClassVar[tuple[str, ...]] = ()
 
     num_views: int = 1
     augment: Any = AugmentConfig()
@@ -75,8 +92,18 @@ class Objective:
 
     @classmethod
     def config_defaults(cls) -> ml_collections.ConfigDict | None:
-        """The method's own config fields, `config.<name>` (None: it has none)."""
-        return None
+        """The method's own config fields, `config.<name>` (None: it has none): the
+        defaults of its `settings`."""
+        if not cls.settings:
+            return None
+        defaults = _field_defaults(cls)
+        return ml_collections.ConfigDict({cls.setting_keys.get(field, field): defaults[field]
+                                          for field in cls.settings})
+
+    @classmethod
+    def setting_values(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """{field: value} of the method's `settings` in a config."""
+        return {field: config[cls.name][cls.setting_keys.get(field, field)] for field in cls.settings}
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -85,7 +112,9 @@ class Objective:
     @classmethod
     def views(cls, config: ml_collections.ConfigDict) -> int:
         """K of a config: augmented views of each image per step (0: no step)."""
-        return 1
+        if "num_views" in cls.settings:
+            return cls.setting_values(config)["num_views"]
+        return _field_defaults(cls)["num_views"]
 
     @classmethod
     def augment_config(cls, config: ml_collections.ConfigDict, spec: DatasetSpec) -> Any:
@@ -95,7 +124,8 @@ class Objective:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, spec: DatasetSpec) -> Objective:
         """The objective of a validated config on the dataset of `spec`."""
-        return cls(num_views=cls.views(config), augment=cls.augment_config(config, spec))
+        return cls(**{**cls.setting_values(config), "num_views": cls.views(config)},
+                   augment=cls.augment_config(config, spec))
 
     def for_run(self, total_steps: int) -> Objective:
         """The objective of a run of `total_steps` optimizer steps, for schedules over the
@@ -123,7 +153,7 @@ class Objective:
         (and the captured intermediates' shapes)."""
         raise NotImplementedError
 
-    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> Any:
+    def init_state(self, num_examples: int, variables: Variables) -> Any:
         """State carried between steps (a pytree; saved with the train state).
 
         variables: the initial {'params': {'backbone', 'head'}, 'batch_stats': {'backbone',
@@ -175,6 +205,10 @@ class Objective:
         return f"{self.name}, K={self.num_views} views"
 
 
+def _field_defaults(cls: type[Objective]) -> dict[str, Any]:
+    return {field.name: field.default for field in dataclasses.fields(cls)}
+
+
 from rr_jax.objectives.barlow_twins import BarlowTwins  # noqa: E402
 from rr_jax.objectives.byol import BYOL  # noqa: E402
 from rr_jax.objectives.deepcluster import DeepCluster  # noqa: E402
@@ -200,6 +234,5 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def get_objective(name: str) -> type[Objective]:
     """The objective class registered as `name`; ValueError naming the registered ones."""
-    if name not in OBJECTIVES:
-        raise config_error("method", name, "use one of " + ", ".join(map(repr, OBJECTIVES)))
+    check_config_choice("method", name, OBJECTIVES)
     return OBJECTIVES[name]

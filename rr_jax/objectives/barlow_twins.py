@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rr_jax.objectives import Objective, Variables
-from rr_jax.objectives.common import check_settings, gather_batch
-from rr_jax.objectives.heads import SiameseHead, apply_siamese_head, init_siamese_head
+from rr_jax.objectives.common import check_settings
+from rr_jax.objectives.heads import ProjectionStatisticsObjective
 
 EPSILON = 1e-5  # PyTorch's BatchNorm1d
 
@@ -50,43 +49,19 @@ def barlow_twins_loss(z1: jax.Array, z2: jax.Array, off_diagonal_weight: float) 
 
 
 @dataclasses.dataclass(frozen=True)
-class BarlowTwins(Objective):
+class BarlowTwins(ProjectionStatisticsObjective):
     """Fields: projector_hidden_dim, projector_dim, off_diagonal_weight."""
 
     name = "barlow_twins"
+    settings = ("projector_hidden_dim", "projector_dim", "off_diagonal_weight")
 
-    num_views: int = 2
-    projector_hidden_dim: int = 256
-    projector_dim: int = 256
     off_diagonal_weight: float = 0.0051
-
-    @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"projector_hidden_dim": 256, "projector_dim": 256,
-                                          "off_diagonal_weight": 0.0051})
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("barlow_twins", config.barlow_twins, positive_ints=("projector_hidden_dim", "projector_dim"),
                        non_negative=("off_diagonal_weight",))
 
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> BarlowTwins:
-        return cls(augment=cls.augment_config(config, spec), **config.barlow_twins.to_dict())
-
-    def head(self, axis_name: str | None = None) -> SiameseHead:
-        hidden = self.projector_hidden_dim
-        return SiameseHead((hidden, hidden, self.projector_dim), axis_name=axis_name)
-
-    def init_head(self, key, features, intermediates, num_classes) -> Variables:
-        return init_siamese_head(self.head(), key, features.shape[-1])
-
-    def loss(self, features, head_variables, key, targets, *, intermediates, objective_state, axis_name):
-        (z, _), stats = apply_siamese_head(self.head(axis_name), head_variables, features)
-        loss, diagonal = barlow_twins_loss(gather_batch(z[0], axis_name), gather_batch(z[1], axis_name),
-                                           self.off_diagonal_weight)
-        return loss, {"loss": loss, "correlation": diagonal}, stats
+    def projection_loss(self, z1, z2):
+        loss, diagonal = barlow_twins_loss(z1, z2, self.off_diagonal_weight)
+        return loss, {"correlation": diagonal}

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Variables
-from rr_jax.objectives.common import check_settings, unit_rows
+from rr_jax.objectives.common import check_settings
 from rr_jax.objectives.heads import SiameseHead, apply_siamese_head, init_siamese_head
 from rr_jax.objectives.teacher import MomentumTeacher
 
@@ -49,29 +50,17 @@ class BYOL(MomentumTeacher):
 
     name = "byol"
     teacher_parts = ("projector_mlp",)
+    settings = ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim", "base_momentum")
 
     projector_hidden_dim: int = 512
     projector_dim: int = 32
     predictor_hidden_dim: int = 512
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "projector_hidden_dim": 512, "projector_dim": 32, "predictor_hidden_dim": 512, "base_momentum": 0.99})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("byol", config.byol, positive_ints=("projector_hidden_dim", "projector_dim",
                                                            "predictor_hidden_dim"),
                        unit_interval=("base_momentum",))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> BYOL:
-        return cls(augment=cls.augment_config(config, spec), **config.byol.to_dict())
 
     def head(self, axis_name: str | None = None) -> SiameseHead:
         return SiameseHead((self.projector_hidden_dim, self.projector_dim),

@@ -8,17 +8,13 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
-from rr_jax.augment import normalize, random_horizontal_flip
+from rr_jax.augment import normalize, padded_crop, random_horizontal_flip
+from rr_jax.numerics import cross_entropy
 from rr_jax.objectives import config_error
-
-# PyTorch's default kernel initialisation of nn.Linear / nn.Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def classification_loss(
@@ -29,12 +25,8 @@ def classification_loss(
     With `class_weights` float[C], the loss is PyTorch's weighted mean
     sum_i w[y_i] * nll_i / sum_i w[y_i] (CrossEntropyLoss(weight)).
     """
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
-    if class_weights is None:
-        return nll.mean(), accuracy
-    weights = class_weights[labels]
-    return (weights * nll).sum() / weights.sum(), accuracy
+    return cross_entropy(logits, labels, class_weights), accuracy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +49,9 @@ class CropFlip:
 
 
 def _crop_flip_image(key: jax.Array, image: jax.Array, config: CropFlip) -> jax.Array:
-    height, width, channels = image.shape
     crop_key, flip_key = jax.random.split(key)
-    pad = config.padding
-    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    top, left = jax.random.randint(crop_key, (2,), 0, 2 * pad + 1)
-    crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+    top, left = jax.random.randint(crop_key, (2,), 0, 2 * config.padding + 1)
+    crop = padded_crop(image, config.padding, top, left)
     view = random_horizontal_flip(flip_key, crop.astype(jnp.float32) / 255.0, prob=config.flip_prob)
     return normalize(view, mean=config.mean, std=config.std)
 
@@ -83,12 +72,6 @@ def gather_batch(x: jax.Array, axis_name: str | None) -> jax.Array:
     transpose of the all-gather), so a loss of the global batch computed alike on every
     device gets, averaged over devices, the single-device gradient."""
     return x if axis_name is None else jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
-
-
-def unit_rows(x: jax.Array) -> jax.Array:
-    """Each row divided by its Euclidean norm (at least 1e-12), in float32. float[N, P] -> float32[N, P]."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def check_settings(method: str, settings: ml_collections.ConfigDict, *, positive_ints: Sequence[str] = (),

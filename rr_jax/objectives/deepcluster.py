@@ -33,20 +33,16 @@ import ml_collections
 import numpy as np
 
 from rr_jax.batch_norm import BatchNorm
+from rr_jax.numerics import squared_distances, unit_rows
 from rr_jax.objectives import Objective, Variables, config_error
 from rr_jax.objectives.common import CropFlip, classification_loss, crop_flip_views
 
 HIDDEN_DIM = 256
 LAST_LAYER_STD = 0.01
+CLUSTERS_PER_CLASS = 10  # as DeepCluster's k = 10 000 on ImageNet's 1 000 classes
 
 
 # ----------------------------------------------------------------- clustering
-
-
-def _squared_distances(x: jax.Array, centres: jax.Array) -> jax.Array:
-    """|x_n - c_k|^2: float[N, D], float[K, D] -> float[N, K]."""
-    cross = jnp.dot(x, centres.T, precision=jax.lax.Precision.HIGHEST)
-    return jnp.maximum((x * x).sum(1)[:, None] - 2.0 * cross + (centres * centres).sum(1)[None, :], 0.0)
 
 
 @jax.jit
@@ -62,12 +58,6 @@ def pca_whiten(features: jax.Array) -> jax.Array:
     return u[:, :components] * jnp.sqrt(x.shape[0] - 1.0)
 
 
-@jax.jit
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """Each row divided by its Euclidean norm. float[N, D] -> float[N, D]."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnums=(2,))
 def kmeans_plus_plus(key: jax.Array, x: jax.Array, num_clusters: int) -> jax.Array:
     """k-means++ initial centres: the first a uniform data point, each next one a data
@@ -76,7 +66,7 @@ def kmeans_plus_plus(key: jax.Array, x: jax.Array, num_clusters: int) -> jax.Arr
     keys = jax.random.split(key, num_clusters)
     first = x[jax.random.randint(keys[0], (), 0, x.shape[0])]
     centres = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
-    distances = _squared_distances(x, first[None])[:, 0]
+    distances = squared_distances(x, first[None])[:, 0]
 
     def add_centre(i, carry):
         centres, distances = carry
@@ -84,7 +74,7 @@ def kmeans_plus_plus(key: jax.Array, x: jax.Array, num_clusters: int) -> jax.Arr
         probabilities = jnp.where(total > 0, distances / jnp.where(total > 0, total, 1.0), 1.0 / x.shape[0])
         index = jax.random.choice(keys[i], x.shape[0], p=probabilities)
         centre = x[index]
-        return centres.at[i].set(centre), jnp.minimum(distances, _squared_distances(x, centre[None])[:, 0])
+        return centres.at[i].set(centre), jnp.minimum(distances, squared_distances(x, centre[None])[:, 0])
 
     return jax.lax.fori_loop(1, num_clusters, add_centre, (centres, distances))[0]
 
@@ -97,14 +87,14 @@ def lloyd(x: jax.Array, centres: jax.Array, iterations: int) -> tuple[jax.Array,
     inertia: the sum of squared distances to them)."""
 
     def update(_, centres):
-        assignments = jnp.argmin(_squared_distances(x, centres), axis=1)
+        assignments = jnp.argmin(squared_distances(x, centres), axis=1)
         one_hot = jax.nn.one_hot(assignments, centres.shape[0], dtype=x.dtype)
         counts = one_hot.sum(0)
         sums = jnp.dot(one_hot.T, x, precision=jax.lax.Precision.HIGHEST)
         return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
 
     centres = jax.lax.fori_loop(0, iterations, update, centres)
-    distances = _squared_distances(x, centres)
+    distances = squared_distances(x, centres)
     return centres, jnp.argmin(distances, axis=1).astype(jnp.int32), distances.min(1).sum()
 
 
@@ -151,14 +141,15 @@ class DeepCluster(Objective):
 
     name = "deepcluster"
     has_epoch_hook = True
+    settings = ("kmeans_iterations", "kmeans_init")
     augment: CropFlip = CropFlip(padding=0)
-    num_clusters: int = 100
+    num_clusters: int = 100  # config.deepcluster.clusters_per_class x the dataset's classes
     kmeans_iterations: int = 30
     kmeans_init: int = 5
 
     @classmethod
     def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"clusters_per_class": 10, "kmeans_iterations": 30, "kmeans_init": 5})
+        return ml_collections.ConfigDict({"clusters_per_class": CLUSTERS_PER_CLASS, **super().config_defaults()})
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -173,10 +164,8 @@ class DeepCluster(Objective):
 
     @classmethod
     def from_config(cls, config, spec) -> DeepCluster:
-        settings = config.deepcluster
-        return cls(augment=cls.augment_config(config, spec),
-                   num_clusters=settings.clusters_per_class * spec.num_classes,
-                   kmeans_iterations=settings.kmeans_iterations, kmeans_init=settings.kmeans_init)
+        return dataclasses.replace(super().from_config(config, spec),
+                                   num_clusters=config.deepcluster.clusters_per_class * spec.num_classes)
 
     def inputs(self, key, batch, objective_state):
         views = crop_flip_views(key, batch["image"], 1, self.augment)
@@ -185,7 +174,7 @@ class DeepCluster(Objective):
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return ClusterHead(self.num_clusters).init(key, jnp.zeros((2, features.shape[-1])), train=False)
 
-    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> dict[str, jax.Array]:
+    def init_state(self, num_examples: int, variables: Variables) -> dict[str, jax.Array]:
         return {"assignments": jnp.zeros(num_examples, jnp.int32),
                 "weights": jnp.ones(self.num_clusters, jnp.float32),
                 "epoch": jnp.array(-1, jnp.int32)}
@@ -215,7 +204,7 @@ class DeepCluster(Objective):
                              f"got {num_examples}; lower config.deepcluster.clusters_per_class.")
         key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.rng)), epoch)
         cluster_key, head_key = jax.random.split(key)
-        points = l2_normalize(pca_whiten(jnp.asarray(features(state))))
+        points = jax.jit(unit_rows)(pca_whiten(jnp.asarray(features(state))))
         assignments = kmeans(cluster_key, points, self.num_clusters, self.kmeans_iterations, self.kmeans_init)
         last = state.params["head"]["linear2"]
         params = {**state.params, "head": {**state.params["head"], "linear2": {

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rr_jax.initializers import TORCH_KERNEL_INIT
 from rr_jax.objectives import Objective, OptimizerDefaults, Variables, config_error
-from rr_jax.objectives.common import TORCH_KERNEL_INIT, CropFlip, crop_flip_views
+from rr_jax.objectives.common import CropFlip, crop_flip_views
 
 # Backbone name -> (module path of its first block's output, whether a ReLU follows it).
 FEATURE_MAPS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -142,15 +143,12 @@ class DeepInfoMax(Objective):
 
     name = "deepinfomax"
     optimizer = OptimizerDefaults("adam", 1e-4, "constant")
+    settings = ("alpha", "beta", "gamma")
     augment: CropFlip = CropFlip(padding=0)
     alpha: float = 0.0
     beta: float = 1.0
     gamma: float = 0.1
     backbone: str = "conv4"
-
-    @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"alpha": 0.0, "beta": 1.0, "gamma": 0.1})
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -170,9 +168,7 @@ class DeepInfoMax(Objective):
 
     @classmethod
     def from_config(cls, config, spec) -> DeepInfoMax:
-        weights = config.deepinfomax
-        return cls(augment=cls.augment_config(config, spec), alpha=weights.alpha,
-                   beta=weights.beta, gamma=weights.gamma, backbone=config.model.backbone)
+        return dataclasses.replace(super().from_config(config, spec), backbone=config.model.backbone)
 
     @property
     def shared_loss_key(self) -> bool:

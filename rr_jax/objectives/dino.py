@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Variables
-from rr_jax.objectives.common import check_settings, unit_rows
+from rr_jax.objectives.common import check_settings
 from rr_jax.objectives.heads import MLP
 from rr_jax.objectives.teacher import MomentumTeacher
 
@@ -79,6 +80,8 @@ class DINO(MomentumTeacher):
     teacher_temperature, centre_momentum, base_momentum."""
 
     name = "dino"
+    settings = ("hidden_dim", "bottleneck_dim", "num_prototypes", "student_temperature", "teacher_temperature",
+                "centre_momentum", "base_momentum")
 
     hidden_dim: int = 256
     bottleneck_dim: int = 32
@@ -89,24 +92,10 @@ class DINO(MomentumTeacher):
     base_momentum: float = 0.996
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "hidden_dim": 256, "bottleneck_dim": 32, "num_prototypes": 512, "student_temperature": 0.1,
-            "teacher_temperature": 0.04, "centre_momentum": 0.9, "base_momentum": 0.996})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("dino", config.dino, positive_ints=("hidden_dim", "bottleneck_dim", "num_prototypes"),
                        positive=("student_temperature", "teacher_temperature"),
                        unit_interval=("centre_momentum", "base_momentum"))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> DINO:
-        return cls(augment=cls.augment_config(config, spec), **config.dino.to_dict())
 
     def head(self) -> DINOHead:
         return DINOHead(self.hidden_dim, self.bottleneck_dim, self.num_prototypes)
@@ -114,8 +103,8 @@ class DINO(MomentumTeacher):
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return {"batch_stats": {}, **self.head().init(key, jnp.zeros((2, features.shape[-1])))}
 
-    def init_state(self, num_examples, num_classes, variables) -> dict:
-        return {**super().init_state(num_examples, num_classes, variables),
+    def init_state(self, num_examples, variables) -> dict:
+        return {**super().init_state(num_examples, variables),
                 "centre": jnp.zeros(self.num_prototypes, jnp.float32)}
 
     def teacher_head(self, head_variables, features, objective_state, axis_name):

@@ -9,6 +9,7 @@ those of the device's whole batch (both views) and, under `axis_name`, of every 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from rr_jax.batch_norm import BatchNorm
+from rr_jax.objectives import Objective
+from rr_jax.objectives.common import gather_batch
 
 LAST_NORMS = (None, "affine", "plain")
 BN_MOMENTUM = 0.9  # PyTorch's BatchNorm1d momentum 0.1, as the official codes
@@ -99,3 +102,30 @@ def apply_siamese_head(head: SiameseHead, variables: dict, features: jax.Array, 
     unflat = (lambda x: x.reshape(num_views, batch, -1))
     outputs = unflat(outputs) if project_only else tuple(None if x is None else unflat(x) for x in outputs)
     return outputs, updates.get("batch_stats", {})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionStatisticsObjective(Objective):
+    """Barlow Twins and VICReg: two views through a projector Dense(h)-BN-ReLU-Dense(h)-
+    BN-ReLU-Dense(p), and a loss of statistics of the two views' projections over the
+    global batch (gathered across devices). Subclasses implement `projection_loss`."""
+
+    num_views: int = 2
+    projector_hidden_dim: int = 256
+    projector_dim: int = 256
+
+    def head(self, axis_name: str | None = None) -> SiameseHead:
+        hidden = self.projector_hidden_dim
+        return SiameseHead((hidden, hidden, self.projector_dim), axis_name=axis_name)
+
+    def init_head(self, key, features, intermediates, num_classes) -> dict:
+        return init_siamese_head(self.head(), key, features.shape[-1])
+
+    def projection_loss(self, z1: jax.Array, z2: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss, metrics) of the projections float[N, P] of views 1 and 2 of the global batch."""
+        raise NotImplementedError
+
+    def loss(self, features, head_variables, key, targets, *, intermediates, objective_state, axis_name):
+        (z, _), stats = apply_siamese_head(self.head(axis_name), head_variables, features)
+        loss, metrics = self.projection_loss(gather_batch(z[0], axis_name), gather_batch(z[1], axis_name))
+        return loss, {"loss": loss, **metrics}, stats

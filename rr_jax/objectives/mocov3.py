@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Variables
-from rr_jax.objectives.common import check_settings, gather_batch, unit_rows
+from rr_jax.objectives.common import check_settings, gather_batch
 from rr_jax.objectives.heads import SiameseHead, apply_siamese_head, init_siamese_head
 from rr_jax.objectives.teacher import MomentumTeacher
 
@@ -55,6 +56,7 @@ class MoCoV3(MomentumTeacher):
 
     name = "mocov3"
     teacher_parts = ("projector_mlp",)
+    settings = ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim", "temperature", "base_momentum")
 
     projector_hidden_dim: int = 512
     projector_dim: int = 32
@@ -62,24 +64,10 @@ class MoCoV3(MomentumTeacher):
     temperature: float = 0.2
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "projector_hidden_dim": 512, "projector_dim": 32, "predictor_hidden_dim": 512, "temperature": 0.2,
-            "base_momentum": 0.99})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("mocov3", config.mocov3, positive_ints=("projector_hidden_dim", "projector_dim",
                                                                "predictor_hidden_dim"),
                        positive=("temperature",), unit_interval=("base_momentum",))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> MoCoV3:
-        return cls(augment=cls.augment_config(config, spec), **config.mocov3.to_dict())
 
     def head(self, axis_name: str | None = None) -> SiameseHead:
         return SiameseHead((self.projector_hidden_dim, self.projector_dim), projector_norm="plain",

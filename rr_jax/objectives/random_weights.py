@@ -21,6 +21,10 @@ class RandomWeights(Relational):
         return None  # reads config.relational (the head of its state)
 
     @classmethod
+    def setting_values(cls, config: ml_collections.ConfigDict) -> dict:
+        return Relational.setting_values(config)
+
+    @classmethod
     def views(cls, config: ml_collections.ConfigDict) -> int:
         return 0
 

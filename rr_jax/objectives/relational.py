@@ -7,7 +7,7 @@ import dataclasses
 
 import ml_collections
 
-from rr_jax.objectives import Objective, Variables, config_error
+from rr_jax.objectives import Objective, Variables, check_config_choice, config_error
 from rr_jax.relational import AGGREGATIONS, HEADS, LOSSES, NEGATIVES, init_relation_head, relational_loss
 
 
@@ -17,51 +17,28 @@ class Relational(Objective):
     relation head) or 'dot' (the dot-product ablation)."""
 
     name = "relational"
+    settings = ("num_views", "aggregation", "negatives", "loss_name", "global_negatives", "hidden_dim", "head")
+    setting_keys = {"loss_name": "loss"}  # config.relational.loss
+    head_fields = ("relational.aggregation", "relational.hidden_dim", "relational.head")
 
-    num_views: int = 32
+    num_views: int = 32  # K
     aggregation: str = "cat"
     negatives: str = "derangement"
     loss_name: str = "focal"
-    global_negatives: bool = False
-    head: str = "mlp"
+    global_negatives: bool = False  # negatives across devices (all-gather)
+    head: str = "mlp"  # the relation head; 'dot', 'encoder_dot': the paper's head ablations
     hidden_dim: int = 256
-
-    @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "num_views": 32,  # K
-            "aggregation": "cat",
-            "negatives": "derangement",
-            "loss": "focal",
-            "global_negatives": False,  # negatives across devices (all-gather)
-            "hidden_dim": 256,
-            "head": "mlp",  # the relation head; 'dot', 'encoder_dot': the paper's head ablations
-        })
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         rel = config.relational
         for key, allowed in (("aggregation", AGGREGATIONS), ("negatives", NEGATIVES), ("loss", LOSSES),
                              ("head", HEADS)):
-            if rel[key] not in allowed:
-                raise config_error(f"relational.{key}", rel[key], "use one of " + ", ".join(map(repr, allowed)))
+            check_config_choice(f"relational.{key}", rel[key], allowed)
         if rel.num_views < 2:
             raise config_error("relational.num_views", rel.num_views, "K must be >= 2 views to form pairs")
         if not isinstance(rel.hidden_dim, int) or rel.hidden_dim < 1:
             raise config_error("relational.hidden_dim", rel.hidden_dim, "it must be a positive integer")
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return config.relational.num_views
-
-    @classmethod
-    def from_config(cls, config, spec) -> Relational:
-        rel = config.relational
-        return cls(
-            num_views=rel.num_views, augment=cls.augment_config(config, spec),
-            aggregation=rel.aggregation, negatives=rel.negatives, loss_name=rel.loss,
-            global_negatives=rel.global_negatives, head=rel.head, hidden_dim=rel.hidden_dim,
-        )
 
     @property
     def shared_loss_key(self) -> bool:

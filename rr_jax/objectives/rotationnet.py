@@ -10,8 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rr_jax.initializers import TORCH_KERNEL_INIT
 from rr_jax.objectives import Objective, Variables, config_error
-from rr_jax.objectives.common import TORCH_KERNEL_INIT, CropFlip, classification_loss, crop_flip_views
+from rr_jax.objectives.common import CropFlip, classification_loss, crop_flip_views
 
 NUM_ROTATIONS = 4
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Objective, Variables, config_error
 
 
@@ -41,7 +42,7 @@ def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> tupl
         raise ValueError(f"z1 and z2 must both be float[B, P] with B >= 2, got {z1.shape} and {z2.shape}.")
     batch = z1.shape[0]
     z = jnp.concatenate([z1, z2]).astype(jnp.float32)
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    z = unit_rows(z)
     logits = z @ z.T / temperature
     logits = jnp.where(jnp.eye(2 * batch, dtype=bool), -jnp.inf, logits)  # never pick yourself
     partner = jnp.concatenate([jnp.arange(batch, 2 * batch), jnp.arange(batch)])
@@ -55,26 +56,15 @@ class SimCLR(Objective):
     """NT-Xent between the projections of two views of each image (per device batch)."""
 
     name = "simclr"
+    settings = ("temperature",)
 
     num_views: int = 2
     temperature: float = 0.5
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"temperature": 0.5})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         if config.simclr.temperature <= 0:
             raise config_error("simclr.temperature", config.simclr.temperature, "it must be > 0")
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> SimCLR:
-        return cls(augment=cls.augment_config(config, spec), temperature=config.simclr.temperature)
 
     def init_head(self, key, features, intermediates, num_classes) -> Variables:
         return {"batch_stats": {}, **ProjectionHead().init(key, jnp.zeros((2, features.shape[-1])))}

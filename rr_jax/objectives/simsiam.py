@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rr_jax.numerics import unit_rows
 from rr_jax.objectives import Objective, Variables
-from rr_jax.objectives.common import check_settings, unit_rows
+from rr_jax.objectives.common import check_settings
 from rr_jax.objectives.heads import SiameseHead, apply_siamese_head, init_siamese_head
 
 
@@ -43,6 +44,7 @@ class SimSiam(Objective):
     """Fields: projector_hidden_dim, projector_dim, predictor_hidden_dim."""
 
     name = "simsiam"
+    settings = ("projector_hidden_dim", "projector_dim", "predictor_hidden_dim")
 
     num_views: int = 2
     projector_hidden_dim: int = 256
@@ -50,22 +52,9 @@ class SimSiam(Objective):
     predictor_hidden_dim: int = 64
 
     @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"projector_hidden_dim": 256, "projector_dim": 256,
-                                          "predictor_hidden_dim": 64})
-
-    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("simsiam", config.simsiam, positive_ints=("projector_hidden_dim", "projector_dim",
                                                                  "predictor_hidden_dim"))
-
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> SimSiam:
-        return cls(augment=cls.augment_config(config, spec), **config.simsiam.to_dict())
 
     def head(self, axis_name: str | None = None) -> SiameseHead:
         return SiameseHead((self.projector_hidden_dim, self.projector_dim), projector_norm="plain",

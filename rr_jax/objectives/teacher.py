@@ -64,7 +64,7 @@ class MomentumTeacher(Objective):
             head = {part: head[part] for part in self.teacher_parts if part in head}
         return {"backbone": tree["backbone"], "head": head}
 
-    def init_state(self, num_examples: int, num_classes: int, variables: Variables) -> dict:
+    def init_state(self, num_examples: int, variables: Variables) -> dict:
         copy = {kind: self._teacher_view(variables[kind]) for kind in ("params", "batch_stats")}
         return {"teacher": jax.tree.map(jnp.array, copy)}  # its own buffers: the step donates the state's
 

@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rr_jax.objectives import Objective, Variables
-from rr_jax.objectives.common import check_settings, gather_batch
-from rr_jax.objectives.heads import SiameseHead, apply_siamese_head, init_siamese_head
+from rr_jax.objectives.common import check_settings
+from rr_jax.objectives.heads import ProjectionStatisticsObjective
 
 VARIANCE_EPSILON = 1e-4
 
@@ -55,45 +54,20 @@ def vicreg_loss(z1: jax.Array, z2: jax.Array, invariance_weight: float, variance
 
 
 @dataclasses.dataclass(frozen=True)
-class VICReg(Objective):
+class VICReg(ProjectionStatisticsObjective):
     """Fields: projector_hidden_dim, projector_dim, invariance_weight, variance_weight, covariance_weight."""
 
     name = "vicreg"
+    settings = ("projector_hidden_dim", "projector_dim", "invariance_weight", "variance_weight", "covariance_weight")
 
-    num_views: int = 2
-    projector_hidden_dim: int = 256
-    projector_dim: int = 256
     invariance_weight: float = 25.0
     variance_weight: float = 25.0
     covariance_weight: float = 1.0
-
-    @classmethod
-    def config_defaults(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"projector_hidden_dim": 256, "projector_dim": 256, "invariance_weight": 25.0,
-                                          "variance_weight": 25.0, "covariance_weight": 1.0})
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         check_settings("vicreg", config.vicreg, positive_ints=("projector_hidden_dim", "projector_dim"),
                        non_negative=("invariance_weight", "variance_weight", "covariance_weight"))
 
-    @classmethod
-    def views(cls, config: ml_collections.ConfigDict) -> int:
-        return 2
-
-    @classmethod
-    def from_config(cls, config, spec) -> VICReg:
-        return cls(augment=cls.augment_config(config, spec), **config.vicreg.to_dict())
-
-    def head(self, axis_name: str | None = None) -> SiameseHead:
-        hidden = self.projector_hidden_dim
-        return SiameseHead((hidden, hidden, self.projector_dim), axis_name=axis_name)
-
-    def init_head(self, key, features, intermediates, num_classes) -> Variables:
-        return init_siamese_head(self.head(), key, features.shape[-1])
-
-    def loss(self, features, head_variables, key, targets, *, intermediates, objective_state, axis_name):
-        (z, _), stats = apply_siamese_head(self.head(axis_name), head_variables, features)
-        loss, terms = vicreg_loss(gather_batch(z[0], axis_name), gather_batch(z[1], axis_name),
-                                  self.invariance_weight, self.variance_weight, self.covariance_weight)
-        return loss, {"loss": loss, **terms}, stats
+    def projection_loss(self, z1, z2):
+        return vicreg_loss(z1, z2, self.invariance_weight, self.variance_weight, self.covariance_weight)

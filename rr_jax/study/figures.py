@@ -19,6 +19,17 @@ def _titles(figure: Figure) -> list[str]:
     return [axis.get_title() for axis in figure.axes if axis.get_visible() and axis.get_title()]
 
 
+def _finish_line_plot(figure: Figure, axis, path: str, title: str, small: bool = False) -> list[str]:
+    """Titles the plot, adds its grid and legend (smaller type with `small`), writes it to
+    `path` and returns the figure's titles."""
+    axis.set_title(title, **({"fontsize": 10} if small else {}))
+    axis.grid(alpha=0.3)
+    axis.legend(**({"fontsize": 8} if small else {}))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return _titles(figure)
+
+
 def _mean_err(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (0 for one value) of values, in percent."""
     values = [100 * v for v in values]
@@ -44,13 +55,7 @@ def plot_accuracy_vs_views(path: str, by_k: Mapping[int, Mapping[str, Sequence[f
     axis.set_xticks(ks, [str(k) for k in ks])
     axis.set_xlabel("views per image K (equal epochs)")
     axis.set_ylabel("test top-1 accuracy (%)")
-    title = "Fashion-MNIST, conv4, relational"
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return _titles(figure)
+    return _finish_line_plot(figure, axis, path, "Fashion-MNIST, conv4, relational")
 
 
 def plot_accuracy_vs_labels(path: str, curves: Mapping[str, Mapping[float, Sequence[float]]]) -> list[str]:
@@ -69,13 +74,7 @@ def plot_accuracy_vs_labels(path: str, curves: Mapping[str, Mapping[float, Seque
     axis.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
     axis.set_xlabel("training labels (%)")
     axis.set_ylabel("test top-1 accuracy (%)")
-    title = "Fashion-MNIST, conv4: accuracy vs available labels"
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return _titles(figure)
+    return _finish_line_plot(figure, axis, path, "Fashion-MNIST, conv4: accuracy vs available labels", small=True)
 
 
 def plot_depth(path: str, curves: Mapping[tuple[str, str], Sequence[Sequence[float]]],
@@ -94,13 +93,7 @@ def plot_depth(path: str, curves: Mapping[tuple[str, str], Sequence[Sequence[flo
                   linestyle=("-", "--", ":")[backbones.index(backbone) % 3], label=label)
     axis.set_xlabel("pretraining step (M=64)")
     axis.set_ylabel("kNN top-1 (%, monitor)")
-    title = "Fashion-MNIST: shallow vs deeper backbone, learning curves"
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return _titles(figure)
+    return _finish_line_plot(figure, axis, path, "Fashion-MNIST: shallow vs deeper backbone, learning curves", small=True)
 
 
 def plot_retrieval_side_by_side(path: str, grids: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:

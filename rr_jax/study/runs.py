@@ -8,14 +8,12 @@ would type (`python launch.py ...`, `python -m rr_jax.evaluate_run ...`,
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import os
-import sys
 from typing import Any
 
 import ml_collections
 
+from rr_jax.config import load_config_file
 from rr_jax.objectives import OBJECTIVES, get_objective
 
 CONFIG = "configs/study_fashion_mnist.py"
@@ -87,23 +85,10 @@ class Run:
         return get_objective((self.pretrained or self).method).views(config)
 
 
-@functools.cache
-def _config_module():
-    """The module of CONFIG (configs/ is not a package of rr_jax)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("study_config", os.path.join(root, CONFIG))
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, root)  # CONFIG imports configs.fashion_mnist
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(root)
-    return module
-
-
 def study_config() -> ml_collections.ConfigDict:
-    """A fresh copy of CONFIG's config."""
-    return _config_module().get_config()
+    """A fresh copy of CONFIG's config (configs/ is not a package of rr_jax)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return load_config_file(os.path.join(root, CONFIG))
 
 
 def study_runs() -> list[Run]:
