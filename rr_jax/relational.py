@@ -160,6 +160,9 @@ def make_pairs(
 ) -> tuple[jax.Array, jax.Array]:
     """All aggregated positive and negative pairs of K views of M images.
 
+    The materialised reference: the loss never builds these pairs (its head applies the
+    first layer per embedding); tests and bench/bench_relational.py check it against this.
+
     Args:
       z: float[K, M, D] embeddings, K >= 2 views of M >= 2 images.
       key: PRNG key for the derangements (unused for negatives='roll').
@@ -479,7 +482,8 @@ def relational_loss(
         `axis_name` (all-gathered embeddings) instead of the local batch only; the same
         `key` must then be given on every device. Without axis_name the local batch
         is the whole batch.
-      factored: apply the head's first layer per embedding, not per pair (same value).
+      factored: apply the head's first layer per embedding, not per pair (same value);
+        False, the naive head over materialised pairs, is the reference tests and bench use.
 
     Returns:
       (loss, metrics, batch_stats): the scalar loss; a dict with 'loss', 'accuracy',

@@ -5,10 +5,11 @@ preemption.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -88,8 +89,33 @@ def pretrain(
         return _pretrain(config, run, allow_config_change)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run trains: the dataset, the split and its size, the step counts and the
+    pieces of the step."""
+
+    spec: datasets.DatasetSpec
+    split: str
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    objective: Objective
+    backbone: Any
+    optimizer: Any
+
+
 def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config_change: Sequence[str]) -> TrainState:
-    workdir = run.workdir
+    plan = _plan(config)
+    checkpointer = Checkpointer(run.workdir, config.checkpoint.max_to_keep)
+    state, start = _restore(config, run, plan, checkpointer, allow_config_change)
+    labelled_alongside = state.online_probe is not None and not datasets.has_labels(plan.split)
+    step_fn = _compiled_step(config, plan, state, labelled_alongside) if start < plan.total_steps else None
+    batches = _device_batches(config, plan, start, labelled_alongside)
+    return _train_loop(config, run, plan, checkpointer, state, start, step_fn, batches)
+
+
+def _plan(config: ml_collections.ConfigDict) -> _Plan:
+    """The run's data (split sizes checked against the devices) and step, before any state."""
     spec = inputs.dataset_spec(config)
     if spec.holdout is not None:
         logging.info("%s has no test split: the probe's test split is %s; pretraining never sees those images.",
@@ -100,47 +126,66 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-
     objective = make_objective(config, spec, total_steps)
     if not objective.trains:  # random weights, the lower bound: the probe sees the initial weights
         total_steps = 0
-    backbone = make_backbone(config)
-    optimizer = make_optimizer(config, total_steps)
-    state = _initial_state(config, spec, objective, backbone, optimizer, total_steps, num_examples)
-    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep)
+    return _Plan(spec, split, num_examples, steps_per_epoch, total_steps, objective,
+                 make_backbone(config), make_optimizer(config, total_steps))
+
+
+def _restore(config: ml_collections.ConfigDict, run: RunDirectory, plan: _Plan, checkpointer: Checkpointer,
+             allow_config_change: Sequence[str]) -> tuple[TrainState, int]:
+    """The state to start from (fresh, or the latest checkpoint's) and its step; the
+    workdir's metrics and config made to agree with it."""
+    state = _initial_state(config, plan.spec, plan.objective, plan.backbone, plan.optimizer, plan.total_steps,
+                           plan.num_examples)
     state, start = restore_latest(checkpointer, state, config, allow_config_change, run.primary,
-                                  objective=objective, num_examples=num_examples)
+                                  objective=plan.objective, num_examples=plan.num_examples)
     if start:
-        logging.info("Resuming from the checkpoint of step %d in %s.", start, workdir)
+        logging.info("Resuming from the checkpoint of step %d in %s.", start, run.workdir)
     if dropped := run.trim_metrics(start):
         logging.info("Dropped %d metrics.jsonl records logged after step %d.", dropped, start)
     run.write_config(config.to_dict())
-    _log_run(config, state, spec, steps_per_epoch, total_steps, objective)
+    _log_run(config, state, plan.spec, plan.steps_per_epoch, plan.total_steps, plan.objective)
+    return state, start
 
-    labelled_alongside = state.online_probe is not None and not datasets.has_labels(split)
-    step_fn = None
-    if start < total_steps:  # compiled ahead of time, checked against the devices' memory, then run
-        pmapped = parallel_train_step(
-            backbone=backbone, optimizer=optimizer, objective=objective,
-            probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, total_steps),
-        )
-        step_fn = memory.compile_checked(
-            functools.partial(_lower_step, config, spec, state=state, total_steps=total_steps, step=pmapped,
-                              num_examples=num_examples, labelled_alongside=labelled_alongside),
-            _searched_sizes(config), devices=jax.local_devices(),
-            # The run calls the pmapped step, not the AOT executable: pmap's executables take
-            # no host-local arrays in multi-process runs, and calling it directly aborted
-            # XLA:CPU in a DINO run with monitors (tests/test_momentum_methods.py resume test).
-            run=pmapped,
-        )
-    epoch_hook = _epoch_hook(config, spec, objective) if objective.has_epoch_hook else None
+
+def _compiled_step(config: ml_collections.ConfigDict, plan: _Plan, state: TrainState,
+                   labelled_alongside: bool) -> Callable:
+    """The pmapped step, compiled ahead of time and checked against the devices' memory."""
+    pmapped = parallel_train_step(
+        backbone=plan.backbone, optimizer=plan.optimizer, objective=plan.objective,
+        probe_optimizer=online_probe.make_optimizer(config.online_probe.learning_rate, plan.total_steps),
+    )
+    return memory.compile_checked(
+        functools.partial(_lower_step, config, plan.spec, state=state, total_steps=plan.total_steps, step=pmapped,
+                          num_examples=plan.num_examples, labelled_alongside=labelled_alongside),
+        _searched_sizes(config), devices=jax.local_devices(),
+        # The run calls the pmapped step, not the AOT executable: pmap's executables take
+        # no host-local arrays in multi-process runs, and calling it directly aborted
+        # XLA:CPU in a DINO run with monitors (tests/test_momentum_methods.py resume test).
+        run=pmapped,
+    )
+
+
+def _device_batches(config: ml_collections.ConfigDict, plan: _Plan, start: int,
+                    labelled_alongside: bool) -> Iterator:
+    """This process's batches from step `start` + 1 on, prefetched to its devices."""
     layout = dict(start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
                   local_device_count=jax.local_device_count())
-    batches = inputs.pretrain_batches(config, spec, **layout)
+    batches = inputs.pretrain_batches(config, plan.spec, **layout)
     if labelled_alongside:  # e.g. STL-10 'unlabelled'
-        batches = with_labelled_batches(batches, inputs.pretrain_batches(config, spec, split=spec.train_split, **layout))
-    batches = batching.prefetch_to_devices(batches)
-    monitors = Monitors(config, spec, make_backbone(config, axis_name=None)) if run.primary else None
+        batches = with_labelled_batches(batches,
+                                        inputs.pretrain_batches(config, plan.spec, split=plan.spec.train_split, **layout))
+    return batching.prefetch_to_devices(batches)
+
+
+def _train_loop(config: ml_collections.ConfigDict, run: RunDirectory, plan: _Plan, checkpointer: Checkpointer,
+                state: TrainState, start: int, step_fn: Callable | None, batches: Iterator) -> TrainState:
+    """Steps `start` + 1 to the last: metrics, monitors and checkpoints on their schedules,
+    the epoch hook, and a checkpointed stop on preemption (raising Preempted)."""
+    epoch_hook = _epoch_hook(config, plan.spec, plan.objective) if plan.objective.has_epoch_hook else None
+    monitors = Monitors(config, plan.spec, make_backbone(config, axis_name=None)) if run.primary else None
     replicated = replicate(state)
     pending, window_start = [], time.perf_counter()
 
@@ -152,9 +197,10 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
                          "batch_stats": host_state.batch_stats["backbone"]}
         checkpointer.save(step, host_state, backbone_vars, config.to_dict())
 
+    total_steps, steps_per_epoch = plan.total_steps, plan.steps_per_epoch
     if total_steps == 0 and checkpointer.latest_step() is None:
         save(0)  # method 'random': the untrained weights are the result
-    metrics_log = MetricsLog(workdir, enabled=run.primary)
+    metrics_log = MetricsLog(run.workdir, enabled=run.primary)
     step = start
     try:
         with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
@@ -182,7 +228,7 @@ def _pretrain(config: ml_collections.ConfigDict, run: RunDirectory, allow_config
         checkpointer.close()
         metrics_log.close()
     if preemption.requested:
-        raise Preempted(step, total_steps, workdir, preemption.signum)
+        raise Preempted(step, total_steps, run.workdir, preemption.signum)
     return unreplicate(replicated)
 
 
