@@ -28,7 +28,7 @@ from rr_jax.errors import (
     Preempted,
     exit_cleanly_on_user_errors,
 )
-from rr_jax.run_dir import LOG_FILE, quiet_native_logs, third_party_logs_to_file, unknown_key_message
+from rr_jax.run_dir import LOG_FILE, quiet_console, quiet_native_logs, third_party_logs_to_file, unknown_key_message
 from rr_jax.xla_flags import with_cpu_defaults
 
 quiet_native_logs()  # before anything imports TensorFlow
@@ -64,6 +64,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 @exit_cleanly_on_user_errors
 def main(argv):
     del argv
+    quiet_console()
     os.environ["XLA_FLAGS"] = with_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
     logging.info("XLA_FLAGS=%r (CPU defaults in rr_jax/xla_flags.py).", os.environ["XLA_FLAGS"])
     import jax

@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from rr_jax.errors import CheckpointWriteError
+from rr_jax.errors import CheckpointNotFoundError, CheckpointWriteError
 
 ITEMS = ("state", "backbone", "head", "config")
 DAMAGED_DIR = "checkpoints_damaged"
@@ -253,14 +253,14 @@ class Checkpointer:
     def _require_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if not steps:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"No complete checkpoint under {self._manager.directory}; pretrain first "
                 "(python launch.py --config=... --workdir=...)."
             )
         if step is None:
             return steps[-1]
         if step not in steps:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"No checkpoint of step {step} under {self._manager.directory}; "
                 f"available steps: {steps}."
             )
@@ -307,7 +307,7 @@ def restore_probe(directory: str) -> Any:
     """The tree written by `save_probe` to `directory`, as NumPy arrays."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No probe checkpoint in {directory}; run the linear probe first.")
+        raise CheckpointNotFoundError(f"No probe checkpoint in {directory}; run the linear probe first.")
     _drop_reads_of_failed_restores()
     with ocp.StandardCheckpointer() as checkpointer:
         return _to_host(checkpointer.restore(directory))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from rr_jax import image_folder
+from rr_jax.errors import ConfigError
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Datasets that `rr_jax.prepare` can prepare from their original files without network access.
@@ -173,7 +174,7 @@ def get_dataset_spec(name: str, label_space: str | None = None, **overrides: Any
       **overrides: `DatasetSpec` fields to replace, e.g. `offline_dir=None`.
     """
     if name not in DATASETS:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown dataset {name!r}; known: {sorted(DATASETS)}. For another TFDS "
             "image-classification dataset construct a DatasetSpec with its statistics."
         )
@@ -181,7 +182,7 @@ def get_dataset_spec(name: str, label_space: str | None = None, **overrides: Any
     if label_space is None:
         label_space = next(iter(spaces))
     if label_space not in spaces:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown label space {label_space!r} for dataset {name!r}; valid: {list(spaces)}."
         )
     fields = {f.name for f in dataclasses.fields(DatasetSpec)}

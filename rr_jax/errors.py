@@ -54,6 +54,14 @@ class DatasetContentError(DatasetError, ValueError):
     decode, a class folder the train split lacks, a malformed annotations line)."""
 
 
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A workdir holds no checkpoint (or none of the step asked for)."""
+
+
+class CheckpointContentError(UserError, ValueError):
+    """A checkpoint is corrupt, incomplete, or not what the command reads."""
+
+
 class OutOfMemoryError(UserError, MemoryError):
     """The train step does not fit in the device's memory at this config."""
 

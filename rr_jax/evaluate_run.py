@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rr_jax.run_dir import quiet_native_logs
+from rr_jax.errors import exit_cleanly_on_user_errors
+from rr_jax.run_dir import quiet_native_logs, reader_logs
 
 quiet_native_logs()  # before rr_jax.sources imports TensorFlow
 from rr_jax import sources  # noqa: E402
@@ -152,12 +153,14 @@ def _define_flags() -> None:
     flags.DEFINE_bool("plots", True, "Write retrieval.png, tsne.png and curves.png.")
 
 
+@exit_cleanly_on_user_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    results = evaluate_run(f.workdir, step=f.step, data_dir=f.data_dir, knn_k=f.knn_k,
-                           retrieval_k=f.retrieval_k, tsne_points=f.tsne_points, plots=f.plots)
+    with reader_logs(f.workdir):
+        results = evaluate_run(f.workdir, step=f.step, data_dir=f.data_dir, knn_k=f.knn_k,
+                               retrieval_k=f.retrieval_k, tsne_points=f.tsne_points, plots=f.plots)
     print(json.dumps(results, indent=2))
 
 

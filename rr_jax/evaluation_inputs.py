@@ -17,6 +17,7 @@ from rr_jax import datasets, inputs, sources
 from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
 from rr_jax.config import base_config
+from rr_jax.errors import CheckpointContentError, CheckpointNotFoundError
 from rr_jax.features import FEATURE_BATCH_SIZE, eval_features, feature_dim
 
 
@@ -44,12 +45,12 @@ def restore_backbone(workdir: str, step: int | None = None) -> RestoredBackbone:
     the device count of the run that wrote them.
 
     Raises:
-      FileNotFoundError: no checkpoint (or no checkpoint of `step`) in the workdir.
-      ValueError: the checkpoint is corrupt or incomplete, or not a backbone's.
+      CheckpointNotFoundError: no checkpoint (or no checkpoint of `step`) in the workdir.
+      CheckpointContentError: the checkpoint is corrupt or incomplete, or not a backbone's.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"No checkpoints in --workdir={workdir!r} (no directory {directory}); pretrain "
             "first (python launch.py --config=... --workdir=...)."
         )
@@ -58,7 +59,7 @@ def restore_backbone(workdir: str, step: int | None = None) -> RestoredBackbone:
     try:
         variables, config = checkpointer.restore_backbone(step)
     except (ValueError, KeyError) as error:
-        raise ValueError(
+        raise CheckpointContentError(
             f"The checkpoint of step {steps[-1] if step is None else step} in {directory} is "
             f"corrupt or incomplete ({error}); use another step (available: {steps})."
         ) from error
@@ -66,7 +67,7 @@ def restore_backbone(workdir: str, step: int | None = None) -> RestoredBackbone:
         checkpointer.close()
     name = config.get("model", {}).get("backbone")
     if name not in BACKBONES or set(variables) != {"params", "batch_stats"}:
-        raise ValueError(
+        raise CheckpointContentError(
             f"The checkpoint in {directory} is not a backbone checkpoint: config names "
             f"backbone {name!r} (known: {sorted(BACKBONES)}), variables hold {sorted(variables)} "
             "(expected ['batch_stats', 'params'])."

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rr_jax.augment import normalize_images
+from rr_jax.errors import ConfigError
 
 FEATURE_BATCH_SIZE = 512
 _AXIS = "batch"
@@ -40,9 +41,9 @@ def feature_dim(
             jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
         ).shape
     except flax.errors.FlaxError as error:
-        raise ValueError(
-            f"The pretrained backbone cannot take images of shape {tuple(image_shape)} "
-            f"{f'of dataset {dataset!r} ' if dataset else ''}: {error} Use a dataset "
+        raise ConfigError(
+            f"The pretrained backbone cannot take images of shape {tuple(image_shape)}"
+            f"{f' of dataset {dataset!r}' if dataset else ''}: {error} Use a dataset "
             "with as many channels as the pretraining images."
         ) from error
     return shape[-1]

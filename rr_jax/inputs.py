@@ -21,7 +21,7 @@ from absl import logging
 
 from rr_jax import batching, datasets, image_folder, sources, streaming
 from rr_jax.config import STREAMING
-from rr_jax.errors import DatasetNotFoundError
+from rr_jax.errors import ConfigError, DatasetNotFoundError
 from rr_jax.objectives import check_config_choice, config_error
 
 
@@ -39,7 +39,7 @@ def dataset_spec(
     this on the same config, so they agree on the held-out images."""
     name = dataset or config["dataset"]
     if name not in datasets.DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; known: {sorted(datasets.DATASETS)}.")
+        raise ConfigError(f"Unknown dataset {name!r}; known: {sorted(datasets.DATASETS)}.")
     default = next(iter(datasets.DATASETS[name].values()))
     overrides = {}
     if name == config["dataset"]:

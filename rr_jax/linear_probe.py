@@ -53,12 +53,13 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from rr_jax.run_dir import quiet_native_logs
+from rr_jax.run_dir import quiet_native_logs, reader_logs
 
 quiet_native_logs()  # before rr_jax.sources imports TensorFlow
 from rr_jax import datasets  # noqa: E402
 from rr_jax.augment import normalize_images, random_crop_flip  # noqa: E402
 from rr_jax.checkpoint import save_probe  # noqa: E402
+from rr_jax.errors import ConfigError, exit_cleanly_on_user_errors  # noqa: E402
 from rr_jax.evaluate import topk_accuracy  # noqa: E402
 from rr_jax.evaluation_inputs import load_labelled_splits, prepare_evaluation, split_features  # noqa: E402
 from rr_jax.features import extract_features, feature_dim  # noqa: E402
@@ -77,7 +78,7 @@ FINETUNE_WEIGHT_DECAY = 1e-5
 
 def _check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"label_fraction must be in (0, 1], e.g. 0.01, 0.1, 0.25, 0.5 or 1.0; got {fraction!r}."
         )
 
@@ -471,14 +472,16 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the label subset, initialisation and shuffling.")
 
 
+@exit_cleanly_on_user_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    results = run_probe(
-        f.workdir, dataset=f.dataset, label_space=f.label_space, label_fraction=f.label_fraction,
-        step=f.step, epochs=f.epochs, finetune=f.finetune, data_dir=f.data_dir, seed=f.seed,
-    )
+    with reader_logs(f.workdir):
+        results = run_probe(
+            f.workdir, dataset=f.dataset, label_space=f.label_space, label_fraction=f.label_fraction,
+            step=f.step, epochs=f.epochs, finetune=f.finetune, data_dir=f.data_dir, seed=f.seed,
+        )
     print(json.dumps(results, indent=2))
 
 

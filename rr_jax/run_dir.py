@@ -177,6 +177,9 @@ class _ConsoleFilter(logging.Filter):
         )
 
 
+_CONSOLE_FILTER = _ConsoleFilter()
+
+
 class _LogFile(logging.FileHandler):
     """A FileHandler that stops writing at the first record it cannot write (a full disk)
     instead of printing a traceback for every record that follows; the console still
@@ -200,6 +203,13 @@ class _LogFile(logging.FileHandler):
             pass
 
 
+def quiet_console() -> None:
+    """From now on the console shows only rr_jax's own records and any warning or error.
+    Entry points call it first, so that third-party INFO lines written before the
+    workdir's log file opens (JAX looking for a TPU, say) stay off the console too."""
+    absl_logging.get_absl_handler().addFilter(_CONSOLE_FILTER)
+
+
 @contextlib.contextmanager
 def third_party_logs_to_file(log_path: str) -> Iterator[None]:
     """While open: every log record (INFO and up) also goes to `log_path`, and the
@@ -215,6 +225,17 @@ def third_party_logs_to_file(log_path: str) -> Iterator[None]:
         absl_logging.get_absl_handler().removeFilter(console_filter)
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def reader_logs(workdir: str) -> contextlib.AbstractContextManager[None]:
+    """For the commands that read a finished run (the linear probe, the evaluation):
+    rr_jax's lines on the console, third-party INFO lines appended to the run's log
+    file; in a directory that is not rr_jax's nothing is written (the command then
+    stops with its own error)."""
+    quiet_console()
+    if os.path.isdir(workdir) and is_run_directory(workdir):
+        return third_party_logs_to_file(os.path.join(workdir, LOG_FILE))
+    return contextlib.nullcontext()
 
 
 class RunDirectory:

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import restore_probe
 from rr_jax.config import base_config
 from rr_jax.datasets import get_dataset_spec
+from rr_jax.errors import EXIT_USER_ERROR, UserError
 from rr_jax.evaluate import topk_accuracy
 from rr_jax.features import extract_features
 from rr_jax.online_probe import LinearHead, classify
@@ -70,6 +72,10 @@ def test_probe_cli_restores_a_pmapped_checkpoint_on_one_device(pretrained):
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    info_sources = set(re.findall(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]", result.stderr, flags=re.M))
+    ours = {os.path.basename(p) for p in glob.glob(str(ROOT / "rr_jax" / "*.py"))}
+    assert info_sources and info_sources <= ours, info_sources  # Orbax's INFO lines ...
+    assert "checkpoint" in (workdir / "log.txt").read_text()  # ... are in the run's log file
     results = json.loads((workdir / "probe_results.json").read_text())
     assert results["name"] == "probe" and results["step"] == 2 and results["epochs"] == 2
     assert (results["dataset"], results["label_space"], results["num_classes"]) == ("cifar10", "label", 10)
@@ -157,10 +163,10 @@ def test_coarse_labels_of_a_few_label_subset(pretrained, monkeypatch):
 
 
 def test_missing_checkpoints(tmp_path, pretrained):
-    with pytest.raises(FileNotFoundError, match="No checkpoints"):
+    with pytest.raises(UserError, match="No checkpoints"):
         linear_probe.run_probe(str(tmp_path / "nothing"))
     assert not (tmp_path / "nothing").exists()  # nothing created on the way
-    with pytest.raises(FileNotFoundError, match="step 7.*available steps: \\[2\\]"):
+    with pytest.raises(UserError, match="step 7.*available steps: \\[2\\]"):
         linear_probe.run_probe(str(pretrained[0]), step=7)
 
 
@@ -169,27 +175,42 @@ def test_corrupt_checkpoint(tmp_path, pretrained):
     shutil.copytree(pretrained[0] / "checkpoints", workdir / "checkpoints")
     for path in glob.glob(str(workdir / "checkpoints/2/backbone/**/d/*"), recursive=True):
         pathlib.Path(path).write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="step 2 .* corrupt or incomplete"):
+    with pytest.raises(UserError, match="step 2 .* corrupt or incomplete"):
         linear_probe.run_probe(str(workdir))
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
 def test_label_fraction_outside_the_unit_interval(pretrained, fraction):
-    with pytest.raises(ValueError, match=f"label_fraction must be in \\(0, 1\\].*{fraction}"):
+    with pytest.raises(UserError, match=f"label_fraction must be in \\(0, 1\\].*{fraction}"):
         linear_probe.run_probe(str(pretrained[0]), label_fraction=fraction)
 
 
 def test_unknown_label_space_and_dataset(pretrained):
-    with pytest.raises(ValueError, match="label space 'coarse' for dataset 'cifar10'"):
+    with pytest.raises(UserError, match="label space 'coarse' for dataset 'cifar10'"):
         linear_probe.run_probe(str(pretrained[0]), label_space="coarse")
-    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'"):
+    with pytest.raises(UserError, match="Unknown dataset 'imagenet'"):
         linear_probe.run_probe(str(pretrained[0]), dataset="imagenet")
 
 
 def test_channel_mismatch_is_a_clear_error(pretrained):
     match = "cannot take images of shape \\(28, 28, 1\\) of dataset 'fashion_mnist'"
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         linear_probe.run_probe(str(pretrained[0]), dataset="fashion_mnist")
+
+
+@pytest.mark.parametrize("module", ["rr_jax.linear_probe", "rr_jax.evaluate_run"])
+def test_commands_that_read_a_run_end_a_user_error_with_one_line_and_write_nothing_foreign(tmp_path, module):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "log.txt").write_text("the user's own log\n")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", module, f"--workdir={foreign}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: No checkpoints in --workdir='{foreign}'")
+    assert (foreign / "log.txt").read_text() == "the user's own log\n"
+    assert sorted(os.listdir(foreign)) == ["log.txt"]
 
 
 # ----------------------------------------------------------------- the classifier
