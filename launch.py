@@ -8,8 +8,9 @@ Multi-host (TPU pods, GPU clusters): add --distributed (or give --coordinator_ad
 --num_processes and --process_id) on every host.
 
 Exit codes: 0 done; 2 a problem with the config, workdir, dataset, memory or resume (one
-message; add --verbosity=1 for the traceback); 74 a checkpoint could not be written
-(disk full, permissions, quota: one message; fix the cause and re-run to resume); 130
+message; add --verbosity=1 for the traceback); 74 a checkpoint or the metrics could not
+be written (disk full, permissions, quota: one message; fix the cause and re-run to
+resume); 130
 interrupted by Ctrl-C and 143 preempted by SIGTERM, after saving the checkpoint of the
 step reached (re-run to resume).
 """
@@ -21,11 +22,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rr_jax.errors import (
-    EXIT_CHECKPOINT_WRITE,
+    EXIT_CANNOT_WRITE,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
-    CheckpointWriteError,
     Preempted,
+    RunWriteError,
     exit_cleanly_on_user_errors,
 )
 from rr_jax.run_dir import LOG_FILE, quiet_console, quiet_native_logs, third_party_logs_to_file, unknown_key_message
@@ -82,11 +83,11 @@ def main(argv):
     except Preempted as stop:  # the step reached is saved
         logging.warning("%s", stop)
         sys.exit(stop.exit_code)
-    except CheckpointWriteError as error:  # disk full, permissions, quota: one message, no traceback
+    except RunWriteError as error:  # a checkpoint or the metrics; disk full, permissions, quota: one message
         if logging.get_verbosity() >= 1:
             raise
         print(f"Error: {error}", file=sys.stderr)
-        sys.exit(EXIT_CHECKPOINT_WRITE)
+        sys.exit(EXIT_CANNOT_WRITE)
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C while the last checkpoint was written
         logging.warning("Interrupted; the checkpoints are those in %s. Re-run the same command to resume.", checkpoints)
         sys.exit(EXIT_INTERRUPTED)

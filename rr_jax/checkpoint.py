@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
@@ -37,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from rr_jax.errors import CheckpointNotFoundError, CheckpointWriteError
+from rr_jax.errors import CheckpointNotFoundError, CheckpointWriteError, os_error
 
 ITEMS = ("state", "backbone", "head", "config")
 DAMAGED_DIR = "checkpoints_damaged"
@@ -76,28 +75,6 @@ def _drop_reads_of_failed_restores() -> None:
 
     hook.drops_reads_of_failed_restores = True
     sys.unraisablehook = hook
-
-
-# How TensorStore (Orbax's array writer) reports the operating system's error of a write.
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
-def os_error(error: BaseException) -> str | None:
-    """The operating system's error behind `error` (itself, a cause, or a member of a
-    group), as 'No space left on device (errno 28)'; None when there is none."""
-    pending, seen = [error], set()
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        code = current.errno if isinstance(current, OSError) else None
-        if code is None and (match := _OS_ERROR_CODE.search(str(current))):
-            code = int(match.group(1))
-        if code:
-            return f"{os.strerror(code)} (errno {code})"
-        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
-    return None
 
 
 class Checkpointer:

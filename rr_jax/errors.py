@@ -1,13 +1,19 @@
 """The errors a run reports to its user, and how launch.py ends on each.
 
 `UserError`s are caused by what the user gave (config, workdir, dataset, resume): the
-command line prints their message alone, without a traceback. `Preempted` is not an
-error of the run but a stop: the checkpoint is saved and re-running resumes.
+command line prints their message alone, without a traceback. `RunWriteError`s are a
+file of the run that the operating system would not let it write (disk full,
+permissions, quota): also one message, and re-running resumes once the cause is fixed.
+`Preempted` is not an error of the run but a stop: the checkpoint is saved and
+re-running resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -18,7 +24,7 @@ from absl import logging
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a process ended by Ctrl-C
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, the shell's code for a process ended by SIGTERM
-EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR of sysexits.h: a checkpoint could not be written
+EXIT_CANNOT_WRITE = 74  # EX_IOERR of sysexits.h: a file of the run (checkpoint, metrics) could not be written
 
 
 class UserError(Exception):
@@ -81,7 +87,15 @@ class Preempted(Exception):
         )
 
 
-class CheckpointWriteError(Exception):
+class RunWriteError(Exception):
+    """A file of the run could not be written for a reason of the operating system (disk
+    full, permissions, quota); the message names the file, the step and the reason."""
+
+
+_FIX_AND_RERUN = "Fix the cause (free space, permissions or quota) and re-run the same command to resume"
+
+
+class CheckpointWriteError(RunWriteError):
     """The checkpoint of `step` could not be written to `directory` (`reason`: the
     operating system's error, e.g. 'No space left on device (errno 28)'). Its incomplete
     files are removed; `latest` is the newest step that remains (None: none)."""
@@ -92,8 +106,19 @@ class CheckpointWriteError(Exception):
                    else "there is no earlier checkpoint")
         super().__init__(
             f"Cannot write the checkpoint of step {step} in {directory}: {reason}. Its incomplete files were "
-            f"removed and {earlier}. Fix the cause (free space, permissions or quota) and re-run the same "
-            "command to resume."
+            f"removed and {earlier}. {_FIX_AND_RERUN}."
+        )
+
+
+class MetricsWriteError(RunWriteError):
+    """The metrics of `step` could not be written to `path` (`reason` as for
+    CheckpointWriteError); a resumed run drops whatever part of them was written."""
+
+    def __init__(self, path: str, step: int, reason: str):
+        self.path, self.step, self.reason = path, step, reason
+        super().__init__(
+            f"Cannot write the metrics of step {step} to {path}: {reason}. The checkpoints written so far are "
+            f"intact. {_FIX_AND_RERUN} from the latest of them."
         )
 
 
@@ -112,3 +137,29 @@ def exit_cleanly_on_user_errors(main: Callable) -> Callable:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapped
+
+
+# How TensorStore (Orbax's array writer) reports the operating system's error of a write.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+# The errors of a write that TensorFlow reports by their text alone (no errno).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO)
+
+
+def os_error(error: BaseException) -> str | None:
+    """The operating system's error behind `error` (itself, a cause, or a member of a
+    group), as 'No space left on device (errno 28)'; None when there is none."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        if code is None and (match := _OS_ERROR_CODE.search(str(current))):
+            code = int(match.group(1))
+        if code is None:
+            code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in str(current)), None)
+        if code:
+            return f"{os.strerror(code)} (errno {code})"
+        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+    return None

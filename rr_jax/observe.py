@@ -2,40 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import tensorflow as tf
 import tqdm
 
+from rr_jax.errors import MetricsWriteError, os_error
+
 
 class MetricsLog:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and writes the
     same scalars as TensorBoard events under WORKDIR/tensorboard.
 
-    Only one process should write (`enabled=False` elsewhere).
+    Only one process should write (`enabled=False` elsewhere). A write the operating
+    system refuses (disk full, permissions, quota) raises MetricsWriteError.
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self._enabled = enabled
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._events = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+            self._events_path = os.path.join(workdir, "tensorboard")
+            self._jsonl = open(self._jsonl_path, "a")
+            self._events = tf.summary.create_file_writer(self._events_path)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self._enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
-        with self._events.as_default(step=step):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value)
-        self._events.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._jsonl.flush()
+            with self._events.as_default(step=step):
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, value)
+            self._events.flush()
+        except OSError as error:
+            raise MetricsWriteError(self._jsonl_path, step, os_error(error) or str(error)) from error
+        except tf.errors.OpError as error:
+            raise MetricsWriteError(self._events_path, step, os_error(error) or error.message) from error
 
     def close(self) -> None:
+        """Closes the files; what cannot be flushed now was reported by `write`."""
         if self._enabled:
-            self._jsonl.close()
-            self._events.close()
+            with contextlib.suppress(OSError, tf.errors.OpError):
+                self._jsonl.close()
+            with contextlib.suppress(OSError, tf.errors.OpError):
+                self._events.close()
 
 
 class ProgressBar:

@@ -49,9 +49,10 @@ RESUMABLE_FIELDS = (
 WEIGHT_FIELDS = ("dataset", "model.backbone")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-# TensorFlow only reads datasets here; without these its C++ start-up lines (oneDNN
-# notice, CPU features) reach the console, where the user setting always wins.
-NATIVE_LOG_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
+# TensorFlow only reads datasets and writes TensorBoard events here; without these its
+# C++ start-up lines (oneDNN notice, CPU features) and the warnings that repeat an error
+# rr_jax reports (a full disk) reach the console. A user's own setting always wins.
+NATIVE_LOG_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 
 def quiet_native_logs() -> None:

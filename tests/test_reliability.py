@@ -1,6 +1,7 @@
 """Preemption, damage and misuse: locks, resume checks, damaged checkpoints, imported
 weights, metrics trimming, early validation, clean errors and a calm console."""
 
+import errno
 import glob
 import json
 import logging
@@ -23,7 +24,7 @@ from image_trees import class_folders_tree, slimagenet_tree
 from test_pipeline import load_config, tiny
 
 from rr_jax import config as config_lib
-from rr_jax import datasets, resume, sources, train
+from rr_jax import datasets, observe, resume, sources, train
 from rr_jax.checkpoint import Checkpointer
 from rr_jax.errors import (
     CheckpointWriteError,
@@ -31,9 +32,11 @@ from rr_jax.errors import (
     DatasetContentError,
     DatasetError,
     DatasetNotFoundError,
+    MetricsWriteError,
     ResumeError,
     UserError,
     WorkdirBusyError,
+    os_error,
 )
 from rr_jax.objectives.relational import Relational
 from rr_jax.run_dir import RunDirectory, check_resumable, is_run_directory, third_party_logs_to_file, unknown_key_message
@@ -391,6 +394,52 @@ def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, mon
     assert restored[0][1] == latest and int(state.step) == 5
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # the records logged after `latest` were trimmed once
+
+
+def test_metrics_that_cannot_be_written_end_the_run_with_one_error_and_the_rerun_resumes(tmp_path, monkeypatch,
+                                                                                         fast_compile):
+    config = tiny(load_config("cifar10"), tmp_path / "tfds", max_steps=5, **{
+        "model.backbone": "conv4", "checkpoint.every_steps": 2, "log_every_steps": 1})
+    workdir = tmp_path / "run"
+
+    class FillingFile:
+        """metrics.jsonl on a disk that fills during the fourth record: half of it lands."""
+
+        def __init__(self, path, mode):
+            self._file, self._records = open(path, mode), 0
+
+        def write(self, text):
+            self._records += 1
+            if self._records == 4:
+                self._file.write(text[:10])
+                self._file.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self._file.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    with mocked_tfds(tmp_path / "tfds", 64):
+        monkeypatch.setattr(observe, "open", FillingFile, raising=False)
+        with pytest.raises(MetricsWriteError) as error:
+            train.pretrain(config, str(workdir))
+        assert str(error.value).startswith(f"Cannot write the metrics of step 4 to {workdir}/metrics.jsonl: "
+                                           "No space left on device (errno 28). The checkpoints written so far")
+        assert Checkpointer(str(workdir)).all_steps() == [2]
+        monkeypatch.delattr(observe, "open")  # the cause is fixed
+        assert int(train.pretrain(config, str(workdir)).step) == 5
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # the half record and step 3's, logged after the checkpoint, were dropped
+
+
+def test_os_errors_are_found_in_the_text_tensorflow_and_tensorstore_report():
+    tensorflow = RuntimeError("{{function_node FlushSummaryWriter}} /w/tensorboard/events; No space left on device\n"
+                              "\tFailed to flush 2 events")
+    assert os_error(tensorflow) == os_error(ENOSPC_FROM_TENSORSTORE) == "No space left on device (errno 28)"
+    assert os_error(RuntimeError("wrapped")) is None
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = PermissionError(errno.EACCES, "Permission denied")
+    assert os_error(wrapped) == "Permission denied (errno 13)"
 
 
 # ------------------------------------------------------------------ data
