@@ -22,12 +22,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rr_jax.errors import (
-    EXIT_CANNOT_WRITE,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
     Preempted,
-    RunWriteError,
-    exit_cleanly_on_user_errors,
+    exit_cleanly_on_known_errors,
 )
 from rr_jax.run_dir import LOG_FILE, quiet_console, quiet_native_logs, third_party_logs_to_file, unknown_key_message
 from rr_jax.xla_flags import with_cpu_defaults
@@ -62,7 +60,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(EXIT_USER_ERROR)
 
 
-@exit_cleanly_on_user_errors
+@exit_cleanly_on_known_errors
 def main(argv):
     del argv
     quiet_console()
@@ -83,11 +81,6 @@ def main(argv):
     except Preempted as stop:  # the step reached is saved
         logging.warning("%s", stop)
         sys.exit(stop.exit_code)
-    except RunWriteError as error:  # a checkpoint or the metrics; disk full, permissions, quota: one message
-        if logging.get_verbosity() >= 1:
-            raise
-        print(f"Error: {error}", file=sys.stderr)
-        sys.exit(EXIT_CANNOT_WRITE)
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C while the last checkpoint was written
         logging.warning("Interrupted; the checkpoints are those in %s. Re-run the same command to resume.", checkpoints)
         sys.exit(EXIT_INTERRUPTED)

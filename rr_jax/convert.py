@@ -41,7 +41,7 @@ from rr_jax.backbones import BACKBONES, create_backbone
 from rr_jax.checkpoint import Checkpointer, checkpoint_dir
 from rr_jax.config import base_config
 from rr_jax.datasets import DATASETS, get_dataset_spec
-from rr_jax.errors import InputFileError, exit_cleanly_on_user_errors
+from rr_jax.errors import InputFileError, exit_cleanly_on_known_errors
 from rr_jax.relational import AGGREGATIONS, init_relation_head
 
 StateDict = dict[str, np.ndarray]
@@ -360,7 +360,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv[1:])
 
 
-@exit_cleanly_on_user_errors
+@exit_cleanly_on_known_errors
 def main(args: argparse.Namespace) -> None:
     """Runs the command chosen on the command line (see `parse_flags`)."""
     if args.command == "from-torch":

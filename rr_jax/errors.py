@@ -10,13 +10,14 @@ re-running resumes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from absl import logging
 
@@ -122,19 +123,42 @@ class MetricsWriteError(RunWriteError):
         )
 
 
-def exit_cleanly_on_user_errors(main: Callable) -> Callable:
+class ResultWriteError(RunWriteError):
+    """`what` (a probe's results, an evaluation's figures) could not be written to `path`."""
+
+    def __init__(self, what: str, path: str, reason: str):
+        self.what, self.path, self.reason = what, path, reason
+        super().__init__(f"Cannot write {what} to {path}: {reason}. {_FIX_AND_RERUN}.")
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str) -> Iterator[None]:
+    """While open, a write the operating system refuses (disk full, permissions, quota)
+    becomes one ResultWriteError naming `what` and `path`; other errors pass unchanged."""
+    try:
+        yield
+    except (UserError, RunWriteError):
+        raise
+    except Exception as error:
+        if (reason := os_error(error)) is None:
+            raise
+        raise ResultWriteError(what, path, reason) from error
+
+
+def exit_cleanly_on_known_errors(main: Callable) -> Callable:
     """Wraps a command's main: a UserError ends the process with its message alone and
-    exit code EXIT_USER_ERROR (the traceback too with absl's --verbosity=1 or more)."""
+    exit code EXIT_USER_ERROR, a RunWriteError likewise with EXIT_CANNOT_WRITE (the
+    traceback too with absl's --verbosity=1 or more)."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as error:
+        except (UserError, RunWriteError) as error:
             if logging.get_verbosity() >= 1:
                 raise
             print(f"Error: {error}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(EXIT_USER_ERROR if isinstance(error, UserError) else EXIT_CANNOT_WRITE)
 
     return wrapped
 

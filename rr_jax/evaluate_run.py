@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rr_jax.errors import exit_cleanly_on_user_errors
+from rr_jax.errors import exit_cleanly_on_known_errors, writing
 from rr_jax.run_dir import quiet_native_logs, reader_logs
 
 quiet_native_logs()  # before rr_jax.sources imports TensorFlow
@@ -113,30 +113,31 @@ def evaluate_run(
         "num_train": len(train_labels),
         "num_test": len(test_labels),
     }
-    if plots:
-        rng = np.random.default_rng(seed)
-        queries = rng.choice(len(test_labels), num_queries, replace=False)
-        retrieval = dict(query_indices=queries, query_images=test_images[queries], query_labels=test_labels[queries],
-                         neighbour_images=train_images[neighbours[queries]],
-                         neighbour_labels=train_labels[neighbours[queries]])
-        plot_retrieval(os.path.join(workdir, "retrieval.png"), retrieval["query_images"], retrieval["neighbour_images"],
-                       retrieval["query_labels"], retrieval["neighbour_labels"])
-        points = rng.choice(len(test_labels), min(tsne_points, len(test_labels)), replace=False)
-        perplexity = min(30.0, (len(points) - 1) / 3.5)  # t-SNE needs N > 3 * perplexity
-        embedding = np.asarray(tsne(features[1][points], perplexity=perplexity))
-        class_names = sources.class_names(spec, data_dir)
-        plot_tsne(os.path.join(workdir, "tsne.png"), embedding, test_labels[points], class_names)
+    with writing("the evaluation's results and figures", workdir):
+        if plots:
+            rng = np.random.default_rng(seed)
+            queries = rng.choice(len(test_labels), num_queries, replace=False)
+            retrieval = dict(query_indices=queries, query_images=test_images[queries], query_labels=test_labels[queries],
+                             neighbour_images=train_images[neighbours[queries]],
+                             neighbour_labels=train_labels[neighbours[queries]])
+            plot_retrieval(os.path.join(workdir, "retrieval.png"), retrieval["query_images"], retrieval["neighbour_images"],
+                           retrieval["query_labels"], retrieval["neighbour_labels"])
+            points = rng.choice(len(test_labels), min(tsne_points, len(test_labels)), replace=False)
+            perplexity = min(30.0, (len(points) - 1) / 3.5)  # t-SNE needs N > 3 * perplexity
+            embedding = np.asarray(tsne(features[1][points], perplexity=perplexity))
+            class_names = sources.class_names(spec, data_dir)
+            plot_tsne(os.path.join(workdir, "tsne.png"), embedding, test_labels[points], class_names)
+            if jax.process_index() == 0:
+                np.savez_compressed(os.path.join(workdir, "retrieval.npz"), **retrieval)
+                np.savez_compressed(os.path.join(workdir, "tsne.npz"), points=points, embedding=embedding,
+                                    labels=test_labels[points], class_names=np.asarray(class_names, dtype=str))
+            records = read_metrics(workdir)
+            if records:
+                plot_curves(os.path.join(workdir, "curves.png"), records)
+        results["wall_time_s"] = time.perf_counter() - start_time
         if jax.process_index() == 0:
-            np.savez_compressed(os.path.join(workdir, "retrieval.npz"), **retrieval)
-            np.savez_compressed(os.path.join(workdir, "tsne.npz"), points=points, embedding=embedding,
-                                labels=test_labels[points], class_names=np.asarray(class_names, dtype=str))
-        records = read_metrics(workdir)
-        if records:
-            plot_curves(os.path.join(workdir, "curves.png"), records)
-    results["wall_time_s"] = time.perf_counter() - start_time
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=2)
+            with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+                json.dump(results, f, indent=2)
     logging.info("%s step %d: kNN top-1 %.2f%%, precision@%d %.2f%%.", workdir, used_step,
                  100 * results["knn_top1"], retrieval_k, 100 * results[f"precision_at_{retrieval_k}"])
     return results
@@ -153,7 +154,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("plots", True, "Write retrieval.png, tsne.png and curves.png.")
 
 
-@exit_cleanly_on_user_errors
+@exit_cleanly_on_known_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -59,7 +59,7 @@ quiet_native_logs()  # before rr_jax.sources imports TensorFlow
 from rr_jax import datasets  # noqa: E402
 from rr_jax.augment import normalize_images, random_crop_flip  # noqa: E402
 from rr_jax.checkpoint import save_probe  # noqa: E402
-from rr_jax.errors import ConfigError, exit_cleanly_on_user_errors  # noqa: E402
+from rr_jax.errors import ConfigError, exit_cleanly_on_known_errors, writing  # noqa: E402
 from rr_jax.evaluate import topk_accuracy  # noqa: E402
 from rr_jax.evaluation_inputs import load_labelled_splits, prepare_evaluation, split_features  # noqa: E402
 from rr_jax.features import extract_features, feature_dim  # noqa: E402
@@ -445,10 +445,11 @@ def run_probe(
         "wall_time_s": time.perf_counter() - start_time,
     }
     probe = {"head": head, **({"backbone": variables} if finetune else {})}
-    save_probe(os.path.join(workdir, name), probe)  # Orbax writes from the primary process
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    with writing(f"the results of probe {name!r}", workdir):
+        save_probe(os.path.join(workdir, name), probe)  # Orbax writes from the primary process
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
+                json.dump(results, f, indent=2)
     logging.info("%s: top-1 %.2f%%, top-5 %.2f%% on %d test examples.",
                  name, 100 * results["top1"], 100 * results["top5"], len(test_labels))
     return results
@@ -472,7 +473,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the label subset, initialisation and shuffling.")
 
 
-@exit_cleanly_on_user_errors
+@exit_cleanly_on_known_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

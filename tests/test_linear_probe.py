@@ -23,7 +23,7 @@ from rr_jax.backbones import create_backbone
 from rr_jax.checkpoint import restore_probe
 from rr_jax.config import base_config
 from rr_jax.datasets import get_dataset_spec
-from rr_jax.errors import EXIT_USER_ERROR, UserError
+from rr_jax.errors import EXIT_USER_ERROR, ResultWriteError, UserError
 from rr_jax.evaluate import topk_accuracy
 from rr_jax.features import extract_features
 from rr_jax.online_probe import LinearHead, classify
@@ -196,6 +196,22 @@ def test_channel_mismatch_is_a_clear_error(pretrained):
     match = "cannot take images of shape \\(28, 28, 1\\) of dataset 'fashion_mnist'"
     with pytest.raises(UserError, match=match):
         linear_probe.run_probe(str(pretrained[0]), dataset="fashion_mnist")
+
+
+def test_results_that_cannot_be_written_are_one_error(tmp_path, pretrained, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(pretrained[0] / "checkpoints", workdir / "checkpoints")
+
+    def full_disk(directory, tree):  # as Orbax reports it, from TensorStore
+        raise ValueError("RESOURCE_EXHAUSTED: Failed to write 4096 bytes: [os_error_code='28']")
+
+    monkeypatch.setattr(linear_probe, "save_probe", full_disk)
+    with mocked_tfds(pretrained[1], NUM_EXAMPLES), pytest.raises(ResultWriteError) as error:
+        linear_probe.run_probe(str(workdir), epochs=1)
+    assert str(error.value) == (
+        f"Cannot write the results of probe 'probe' to {workdir}: No space left on device (errno 28). Fix the "
+        "cause (free space, permissions or quota) and re-run the same command to resume.")
+    assert not (workdir / "probe_results.json").exists()
 
 
 @pytest.mark.parametrize("module", ["rr_jax.linear_probe", "rr_jax.evaluate_run"])

@@ -36,7 +36,9 @@ from rr_jax.errors import (
     ResumeError,
     UserError,
     WorkdirBusyError,
+    exit_cleanly_on_known_errors,
     os_error,
+    writing,
 )
 from rr_jax.objectives.relational import Relational
 from rr_jax.run_dir import RunDirectory, check_resumable, is_run_directory, third_party_logs_to_file, unknown_key_message
@@ -440,6 +442,27 @@ def test_os_errors_are_found_in_the_text_tensorflow_and_tensorstore_report():
     wrapped = RuntimeError("wrapped")
     wrapped.__cause__ = PermissionError(errno.EACCES, "Permission denied")
     assert os_error(wrapped) == "Permission denied (errno 13)"
+
+
+def test_commands_end_known_errors_with_one_line_and_their_exit_code(capsys):
+    def failing(error):
+        @exit_cleanly_on_known_errors
+        def main():
+            with writing("the figures", "/w"):
+                raise error
+        return main
+
+    for error, code, line in [
+        (ConfigError("bad value"), 2, "Error: bad value"),
+        (PermissionError(errno.EACCES, "Permission denied"), 74,
+         "Error: Cannot write the figures to /w: Permission denied (errno 13). Fix the cause"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            failing(error)()
+        assert stopped.value.code == code
+        assert capsys.readouterr().err.startswith(line)
+    with pytest.raises(KeyError):  # anything else is a bug: its traceback is shown
+        failing(KeyError("a bug"))()
 
 
 # ------------------------------------------------------------------ data
