@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from rr_jax import batching, datasets, inputs, memory, online_probe, sources
 from rr_jax.checkpoint import Checkpointer
@@ -39,16 +40,15 @@ class _Preemption:
     """Remembers a SIGTERM (a TPU preemption notice) or a SIGINT (Ctrl-C) until the loop
     can save and stop (`signum`: the first that arrived, None before). After the first,
     SIGINT has its default action again: a second Ctrl-C ends the process at once. A SIGINT
-    ignored when the loop starts (a background job, nohup) stays ignored."""
+    ignored when the loop starts (a background job, nohup) stays ignored.
+
+    The processes of a multi-host run must stop at the same step (saving is collective,
+    and so is the next step), so they stop on `agreed()`, not on their own signal."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
 
     def __enter__(self):
         self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
@@ -56,6 +56,13 @@ class _Preemption:
             if self._previous[signum] != signal.SIG_IGN:
                 signal.signal(signum, self._handle)
         return self
+
+    def agreed(self) -> int | None:
+        """The signal to stop on: this process's, or with several processes any
+        process's (a collective: every process calls it at the same steps)."""
+        if jax.process_count() == 1:
+            return self.signum
+        return int(np.max(multihost_utils.process_allgather(np.int32(self.signum or 0)))) or None
 
     def _handle(self, signum, frame):
         if self.signum is None:
@@ -201,7 +208,10 @@ def _train_loop(config: ml_collections.ConfigDict, run: RunDirectory, plan: _Pla
     if total_steps == 0 and checkpointer.latest_step() is None:
         save(0)  # method 'random': the untrained weights are the result
     metrics_log = MetricsLog(run.workdir, enabled=run.primary)
-    step = start
+    # Where the processes of a multi-host run agree on stopping: at the logged steps, where
+    # the host waits for the devices anyway; a single process checks every step.
+    agree_every = 1 if jax.process_count() == 1 else config.log_every_steps
+    step, stop = start, None
     try:
         with _Preemption() as preemption, ProgressBar(total_steps, start) as progress:
             for step in range(start + 1, total_steps + 1):
@@ -210,7 +220,9 @@ def _train_loop(config: ml_collections.ConfigDict, run: RunDirectory, plan: _Pla
                 replicated, metrics = step_fn(replicated, next(batches))
                 pending.append(metrics)
                 last = step == total_steps
-                if step % config.log_every_steps == 0 or last or preemption.requested:
+                if step % agree_every == 0:
+                    stop = preemption.agreed()
+                if step % config.log_every_steps == 0 or last or stop:
                     record = _window_record(pending, step, config.batch_size, window_start)
                     metrics_log.write(step, record)
                     progress.update(step, record)
@@ -219,16 +231,16 @@ def _train_loop(config: ml_collections.ConfigDict, run: RunDirectory, plan: _Pla
                     scalars = _monitor(monitors, step, unreplicate(replicated), last)
                     metrics_log.write(step, scalars)
                     progress.update(step, scalars)
-                if step % config.checkpoint.every_steps == 0 or last or preemption.requested:
+                if step % config.checkpoint.every_steps == 0 or last or stop:
                     save(step)
-                if preemption.requested:
+                if stop:
                     break
         checkpointer.wait()
     finally:
         checkpointer.close()
         metrics_log.close()
-    if preemption.requested:
-        raise Preempted(step, total_steps, run.workdir, preemption.signum)
+    if stop:
+        raise Preempted(step, total_steps, run.workdir, stop)
     return unreplicate(replicated)
 
 

@@ -18,6 +18,8 @@ jax.config.update("jax_platforms", "cpu")
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import os  # noqa: E402,F811
+import signal  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -90,3 +92,20 @@ def numpy_knn_top1(bank, bank_labels, queries, query_labels, k, temperature, num
         correct += votes.argmax() == label
         ambiguous += (row[order[k - 1]] - row[order[k]] < tie) or (best - runner_up < tie * best)
     return correct / len(query_labels), ambiguous / len(query_labels)
+
+
+def sigint_as_in_a_terminal():
+    """A preexec_fn that gives a child SIGINT's default action where this process ignores
+    it (a background job: ignored signals stay ignored across exec); else None."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return None
+    return lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_for(path, predicate, process, timeout=600):
+    """Polls until `path` exists and `predicate(path)` holds; fails if `process` ends first."""
+    deadline = time.time() + timeout
+    while not (path.exists() and predicate(path)):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.3)

@@ -4,12 +4,15 @@ process with the same global batch ends."""
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+from conftest import sigint_as_in_a_terminal, wait_for
 
 from rr_jax.checkpoint import Checkpointer
 
@@ -22,7 +25,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(workdir, data_dir, devices, extra=()):
+def launch(workdir, data_dir, devices, extra=(), **popen):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [
@@ -32,7 +35,7 @@ def launch(workdir, data_dir, devices, extra=()):
         "--config.pretrain_split=train[:512]", *extra,
     ]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def final_state(workdir):
@@ -57,6 +60,24 @@ def test_two_processes_match_one_process(tmp_path, fashion_mnist_dir):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     steps = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("two", "one")]
     assert len(steps[0]) == len(steps[1]) == 3
+
+
+def test_ctrl_c_on_one_process_stops_both_at_the_same_step(tmp_path, fashion_mnist_dir):
+    """The processes agree on stopping: the one without the signal saves the same step
+    and exits too (alone, it would wait in the next step's collective for ever)."""
+    port = free_port()
+    workdir = tmp_path / "run"
+    processes = [launch(workdir, fashion_mnist_dir, 1, [
+        "--num_processes=2", f"--process_id={i}", f"--coordinator_address=localhost:{port}",
+        "--config.max_steps=100000", "--config.checkpoint.every_steps=2"], preexec_fn=sigint_as_in_a_terminal())
+        for i in range(2)]
+    wait_for(workdir / "checkpoints" / "2", os.path.isdir, processes[0])
+    processes[1].send_signal(signal.SIGINT)
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [130, 130], outputs
+    stopped = {int(re.search(r"Interrupted at step (\d+) of \d+;", output).group(1)) for output in outputs}
+    assert stopped == {Checkpointer(str(workdir)).latest_step()}
+    assert all("Traceback" not in output for output in outputs)
 
 
 READER = """

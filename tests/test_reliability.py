@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 from absl import logging as absl_logging
-from conftest import mocked_tfds
+from conftest import mocked_tfds, sigint_as_in_a_terminal, wait_for
 from image_trees import class_folders_tree, slimagenet_tree
 from test_pipeline import load_config, tiny
 
@@ -557,31 +557,14 @@ def _launch(workdir, data_dir, *overrides, **popen):
                "--config.checkpoint.every_steps=2", "--config.log_every_steps=1", *overrides]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_sigint_as_in_a_terminal(), **popen)
-
-
-def _sigint_as_in_a_terminal():
-    """A preexec_fn that gives a child SIGINT's default action where this process ignores
-    it (a background job: ignored signals stay ignored across exec); else None."""
-    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-        return None
-    return lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _wait_for(path, predicate, process, timeout=600):
-    """Polls until `path` exists and `predicate(path)` holds; fails if `process` ends first."""
-    deadline = time.time() + timeout
-    while not (path.exists() and predicate(path)):
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.3)
+                            text=True, preexec_fn=sigint_as_in_a_terminal(), **popen)
 
 
 def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
     workdir = tmp_path / "run"
     first = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000")
     metrics = workdir / "metrics.jsonl"
-    _wait_for(metrics, lambda path: len(path.read_text().splitlines()) >= 3, first)
+    wait_for(metrics, lambda path: len(path.read_text().splitlines()) >= 3, first)
 
     second = _launch(workdir, fashion_mnist_dir, "--config.max_steps=4")
     _, err = second.communicate(timeout=600)
@@ -616,7 +599,7 @@ def test_launch_preemption_lock_and_resume_checks(tmp_path, fashion_mnist_dir):
 def test_launch_ctrl_c_saves_the_step_reached_and_during_the_probe_a_rerun_finishes(tmp_path, fashion_mnist_dir):
     workdir = tmp_path / "run"
     first = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000", "--config.checkpoint.every_steps=1000")
-    _wait_for(workdir / "metrics.jsonl", lambda path: len(path.read_text().splitlines()) >= 3, first)
+    wait_for(workdir / "metrics.jsonl", lambda path: len(path.read_text().splitlines()) >= 3, first)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=600)
     assert first.returncode == 130, err
@@ -628,7 +611,7 @@ def test_launch_ctrl_c_saves_the_step_reached_and_during_the_probe_a_rerun_finis
 
     end = f"--config.max_steps={stopped + 2}"
     probing = _launch(workdir, fashion_mnist_dir, end, "--config.probe.epochs=100000")
-    _wait_for(workdir / "log.txt", lambda path: "Probe epoch" in path.read_text(), probing)
+    wait_for(workdir / "log.txt", lambda path: "Probe epoch" in path.read_text(), probing)
     probing.send_signal(signal.SIGINT)
     _, err = probing.communicate(timeout=600)
     assert probing.returncode == 130, err
@@ -656,7 +639,7 @@ def test_launch_refuses_a_directory_it_did_not_make(tmp_path, fashion_mnist_dir)
 def test_launch_on_a_full_disk_says_so_once(tmp_path, fashion_mnist_dir, small_filesystem):
     workdir = small_filesystem / "run"
     run = _launch(workdir, fashion_mnist_dir, "--config.max_steps=100000", "--config.checkpoint.every_steps=1")
-    _wait_for(workdir / "checkpoints" / "2", os.path.isdir, run)
+    wait_for(workdir / "checkpoints" / "2", os.path.isdir, run)
     _fill(small_filesystem)
     _, err = run.communicate(timeout=600)
     assert run.returncode == 74, err
@@ -683,7 +666,7 @@ def test_second_ctrl_c_stops_at_once():
     )
     started = time.time()
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            preexec_fn=_sigint_as_in_a_terminal())
+                            preexec_fn=sigint_as_in_a_terminal())
     assert result.returncode == -signal.SIGINT, result.stderr
     assert result.stdout == "True\n" and "Traceback" not in result.stderr
     assert time.time() - started < 60
