@@ -358,9 +358,19 @@ def small_filesystem(tmp_path):
 
 
 def _fill(filesystem, leave=64 * 1024):
-    """Fills `filesystem` with a file but `leave` bytes: a metrics line still fits, a checkpoint does not."""
-    stats = os.statvfs(filesystem)
-    (filesystem / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
+    """Fills `filesystem` with a file but `leave` bytes: a metrics line still fits, a checkpoint does not.
+
+    A run may be writing meanwhile, so the file grows until the disk is full and is then cut back:
+    a size computed beforehand can already be too large when it is written."""
+    filler = filesystem / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        try:
+            while file.write(bytes(1 << 20)):
+                pass
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
 
 
 def test_full_disk_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path, monkeypatch, fast_compile,
