@@ -168,10 +168,11 @@ def _compiled_step(config: ml_collections.ConfigDict, plan: _Plan, state: TrainS
         functools.partial(_lower_step, config, plan.spec, state=state, total_steps=plan.total_steps, step=pmapped,
                           num_examples=plan.num_examples, labelled_alongside=labelled_alongside),
         _searched_sizes(config), devices=jax.local_devices(),
-        # The run calls the pmapped step, not the AOT executable: pmap's executables take
-        # no host-local arrays in multi-process runs, and calling it directly aborted
-        # XLA:CPU in a DINO run with monitors (tests/test_momentum_methods.py resume test).
-        run=pmapped,
+        # A single process runs the executable the check compiled (calling the pmapped step
+        # would compile it a second time: AOT compiles do not fill pmap's call cache). pmap's
+        # executables take no host-local arrays in multi-process runs: there the run calls
+        # the pmapped step, which compiles it again.
+        run=pmapped if jax.process_count() > 1 else None,
     )
 
 
