@@ -11,6 +11,7 @@ rr_jax.checkpoint; comparing a resumed config with the checkpoint's is `check_re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import difflib
 import fcntl
@@ -49,6 +50,7 @@ RESUMABLE_FIELDS = (
 WEIGHT_FIELDS = ("dataset", "model.backbone")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__))
 # TensorFlow only reads datasets and writes TensorBoard events here; without these its
 # C++ start-up lines (oneDNN notice, CPU features) and the warnings that repeat an error
 # rr_jax reports (a full disk) reach the console. A user's own setting always wins.
@@ -165,11 +167,14 @@ def check_workdir(workdir: str) -> None:
 
 class _ConsoleFilter(logging.Filter):
     """Lets rr_jax's own records and any warning or error through to the console, except
-    Orbax's records that carry a traceback: its threads log each failed write so, and the
-    same error reaches the loop, which reports it once (rr_jax.checkpoint)."""
+    records that carry the exception of a failed checkpoint write: Orbax's threads log
+    each failed write so, asyncio logs the exceptions of Orbax's other write tasks that
+    nobody retrieved once the first one failed, and the same error reaches the loop,
+    which reports it once (rr_jax.checkpoint)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if record.exc_info and (f"{os.sep}orbax{os.sep}" in record.pathname
+                                or os.path.dirname(record.pathname) == _ASYNCIO_DIR):
             return False
         return (
             record.levelno >= logging.WARNING
