@@ -4,10 +4,10 @@ Before the first step the step is compiled ahead of time (`Lowered.compile()`), 
 memory analysis of that executable (`step_bytes`) is compared with what a device has
 (`device_memory`): `bytes_limit` of the device's memory statistics on GPU and TPU, the
 available host RAM on CPU. A single-process run then calls that same executable
-(`CheckedStep`), so the check costs no second compile. When the step does not fit, `OutOfMemoryError` says
-how many bytes it needs and how many there are, and the largest value of each searched
-size (K views, M images per step) that fits at the other settings; finding those costs
-a few more compiles, only then. An out-of-memory error while the step runs ends the same
+(`CheckedStep`), so the check costs no second compile. When the step does not fit,
+`OutOfMemoryError` says how many bytes it needs and how many there are, and the largest
+value of each searched size (K views, M images per step) that fits at the other
+settings; finding those costs a few more compiles, only then. An out-of-memory error while the step runs ends the same
 way.
 """
 

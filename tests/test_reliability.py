@@ -665,7 +665,7 @@ def test_launch_on_a_full_disk_says_so_once(tmp_path, fashion_mnist_dir, small_f
     assert run.returncode == 74, err
     errors = [line for line in err.splitlines() if "Error" in line or "Traceback" in line]
     assert len(errors) == 1, err
-    (message,) = errors
+    message = errors[0]
     step = int(re.search(r"checkpoint of step (\d+)", message).group(1))
     assert message.startswith(f"Error: Cannot write the checkpoint of step {step} in {workdir}/checkpoints: "
                               "No space left on device (errno 28).")
